@@ -1,0 +1,7 @@
+"""pm_em: EM for the MAP of PyMC models with finite discrete latent variables."""
+
+from pm_em.api import find_MAP
+from pm_em.em import EM
+from pm_em.errors import EMConvergenceWarning, UnsupportedModelError
+
+__all__ = ["EM", "EMConvergenceWarning", "UnsupportedModelError", "find_MAP"]

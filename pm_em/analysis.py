@@ -1,0 +1,471 @@
+"""Graph analysis: the model's latents, parameters, log-probability terms, and how
+the latents' elements can be enumerated.
+
+The result, a :class:`ModelStructure`, is what the enumeration and M-step builders
+consume. Latents are grouped into *components* (connected through shared terms;
+independent of each other given the parameters). Within a component, latents of
+size one are *global* (enumerated jointly over the whole data), and the others form
+*element groups*: latents whose elements line up one to one, enumerated jointly
+element by element. Anything else is refused with :class:`UnsupportedModelError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pymc as pm
+from pytensor.graph.basic import Variable
+from pytensor.graph.rewriting.utils import rewrite_graph
+from pytensor.graph.traversal import ancestors
+
+from pm_em.compile import evaluate_once
+from pm_em.dependence import build_owner_graphs
+from pm_em.errors import UnsupportedModelError
+from pm_em.latents import InfiniteSupportError, LatentSpec, is_discrete, support_bounds
+
+__all__ = [
+    "Component",
+    "ElementGroup",
+    "ModelStructure",
+    "ParamSpec",
+    "Term",
+    "analyze_model",
+]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A continuous free variable: what the M-step optimizes.
+
+    Attributes
+    ----------
+    name : str
+    rv : Variable
+    value : Variable
+        Its value variable (on the unconstrained space when it has a transform).
+    transform : object or None
+        PyMC's transform of the variable, if any.
+    shape : tuple of int
+        Constrained shape.
+    value_shape : tuple of int
+        Shape of the value variable (differs for e.g. simplex transforms).
+    dims : tuple of str or None
+    """
+
+    name: str
+    rv: Variable
+    value: Variable
+    transform: object
+    shape: tuple[int, ...]
+    value_shape: tuple[int, ...]
+    dims: tuple[str, ...] | None
+
+    @property
+    def value_size(self) -> int:
+        return int(np.prod(self.value_shape, dtype=int))
+
+
+@dataclass
+class Term:
+    """One log-probability term of the model (a variable's or a potential's).
+
+    Attributes
+    ----------
+    name : str
+        Name of the variable (or potential) whose log-probability this is.
+    logp : Variable
+        Elementwise log-probability graph, in terms of value variables, no Jacobian.
+    kind : str
+        ``"latent"``, ``"observed"``, ``"free"`` or ``"potential"``.
+    latents : set of str
+        Names of the latents it depends on.
+    owners : dict
+        Latent name -> integer array shaped like ``logp``: flat index of the
+        latent's element each entry depends on (-1: none). Only for latents of
+        size > 1.
+    """
+
+    name: str
+    logp: Variable
+    kind: str
+    latents: set[str] = field(default_factory=set)
+    owners: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class ElementGroup:
+    """Latents of one size enumerated jointly, element by element.
+
+    Attributes
+    ----------
+    latents : list of LatentSpec
+    n_elements : int
+    terms : list of (Term, np.ndarray)
+        Each term with its owner map (flat element index, -1 where none) onto the
+        group's elements.
+    """
+
+    latents: list[LatentSpec]
+    n_elements: int
+    terms: list[tuple[Term, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def n_configs(self) -> int:
+        return int(np.prod([lat.n_support for lat in self.latents], dtype=int))
+
+
+@dataclass
+class Component:
+    """Latents that are dependent given the parameters, and their terms.
+
+    Attributes
+    ----------
+    globals : list of LatentSpec
+        Latents of size one, enumerated over jointly for the whole component.
+    groups : list of ElementGroup
+    global_terms : list of Term
+        Terms that depend on the global latents only.
+    """
+
+    globals: list[LatentSpec] = field(default_factory=list)
+    groups: list[ElementGroup] = field(default_factory=list)
+    global_terms: list[Term] = field(default_factory=list)
+
+    @property
+    def n_global_configs(self) -> int:
+        return int(np.prod([lat.n_support for lat in self.globals], dtype=int))
+
+    @property
+    def latents(self) -> list[LatentSpec]:
+        return self.globals + [lat for g in self.groups for lat in g.latents]
+
+
+@dataclass
+class ModelStructure:
+    """Everything the EM builders need to know about a model."""
+
+    model: pm.Model
+    latents: list[LatentSpec]
+    params: list[ParamSpec]
+    terms: list[Term]
+    components: list[Component]
+    n_observations: int
+    initial_point: dict[str, np.ndarray]
+
+    @property
+    def latent_free_terms(self) -> list[Term]:
+        return [t for t in self.terms if not t.latents]
+
+
+# -- entry point -------------------------------------------------------------------
+
+
+def analyze_model(model: pm.Model, latent_vars: list[str] | None = None) -> ModelStructure:
+    """Find the latents, parameters and terms of ``model`` and how to enumerate them.
+
+    Parameters
+    ----------
+    model : pm.Model
+    latent_vars : list of str, optional
+        Names of the latents. By default every discrete free variable.
+
+    Returns
+    -------
+    ModelStructure
+
+    Raises
+    ------
+    UnsupportedModelError
+        For a latent with infinite or parameter-dependent support, a discrete free
+        variable that is not a latent, imputed continuous data, or dependents that
+        combine several elements of a latent.
+    """
+    _refuse_continuous_imputation(model)
+    point = model.initial_point()
+    latent_rvs = _select_latents(model, latent_vars)
+    latents = _latent_specs(model, latent_rvs, point)
+    params = _param_specs(model, latent_rvs, point)
+    terms = _terms(model, latent_rvs)
+    _attach_dependence(model, terms, latents, point)
+    components = _components(latents, terms)
+    n_obs = sum(int(np.size(point_value)) for point_value in _observed_values(model))
+    return ModelStructure(
+        model=model,
+        latents=latents,
+        params=params,
+        terms=terms,
+        components=components,
+        n_observations=max(n_obs, 1),
+        initial_point=point,
+    )
+
+
+# -- steps -------------------------------------------------------------------------
+
+
+def _refuse_continuous_imputation(model: pm.Model) -> None:
+    names = set(model.named_vars)
+    for rv in model.free_RVs:
+        base = rv.name.removesuffix("_unobserved")
+        if base != rv.name and f"{base}_observed" in names and not is_discrete(rv):
+            raise UnsupportedModelError(
+                f"Observed variable '{base}' has missing values, which PyMC imputes as the "
+                f"continuous free variable '{rv.name}'. pm_em's EM enumerates discrete "
+                "latents only and does not impute continuous data. Drop the missing rows "
+                "(or mask them out of the likelihood) before fitting."
+            )
+
+
+def _select_latents(model: pm.Model, latent_vars: list[str] | None) -> list[Variable]:
+    discrete = [rv for rv in model.free_RVs if is_discrete(rv)]
+    if latent_vars is None:
+        return discrete
+    if isinstance(latent_vars, str):
+        latent_vars = [latent_vars]
+    selected = []
+    for name in latent_vars:
+        if name not in model.named_vars:
+            raise ValueError(f"latent_vars: '{name}' is not a variable of the model.")
+        rv = model.named_vars[name]
+        if rv not in model.free_RVs:
+            raise ValueError(
+                f"latent_vars: '{name}' is not a free random variable of the model "
+                "(it is observed, deterministic or a potential)."
+            )
+        if not is_discrete(rv):
+            raise ValueError(
+                f"latent_vars: '{name}' is continuous; EM latents must be discrete with "
+                "finite support. Continuous free variables are optimized by the M-step."
+            )
+        selected.append(rv)
+    for rv in discrete:
+        if rv not in selected:
+            raise UnsupportedModelError(
+                f"'{rv.name}' is a discrete free variable but not in latent_vars. The M-step "
+                "optimizes continuous variables only: add it to latent_vars."
+            )
+    return selected
+
+
+def _latent_specs(model, latent_rvs, point) -> list[LatentSpec]:
+    free_rvs = set(model.free_RVs)
+    bounds, names = [], []
+    for rv in latent_rvs:
+        try:
+            lower, upper = support_bounds(rv.owner.op, rv.owner)
+        except InfiniteSupportError:
+            raise UnsupportedModelError(
+                f"Latent '{rv.name}' ({type(rv.owner.op).__name__}) has infinite support, "
+                "so EM cannot enumerate it. Truncate it (pm.Truncated(..., upper=...)) or "
+                "marginalize it by hand."
+            ) from None
+        for bound in (lower, upper):
+            # Shapes (Categorical's len(p)) are constant even when p is a free variable.
+            bound = rewrite_graph(bound, include=("ShapeOpt", "canonicalize"))
+            if any(a in free_rvs for a in ancestors([bound])):
+                raise UnsupportedModelError(
+                    f"The support of latent '{rv.name}' depends on other free variables; "
+                    "EM needs a fixed, finite support. Give its bounds as constants."
+                )
+        bounds += [lower.min(), upper.max(), rv.shape]
+        names.append(rv.name)
+    values = evaluate_once([], bounds, [])
+    specs = []
+    for k, rv in enumerate(latent_rvs):
+        lower, upper, shape = values[3 * k : 3 * k + 3]
+        if not (np.isfinite(lower) and np.isfinite(upper)):
+            raise UnsupportedModelError(
+                f"Latent '{rv.name}' has an infinite bound, so EM cannot enumerate it. "
+                "Give it finite lower and upper bounds (pm.Truncated)."
+            )
+        specs.append(
+            LatentSpec(
+                name=rv.name,
+                rv=rv,
+                value=model.rvs_to_values[rv],
+                shape=tuple(int(s) for s in shape),
+                support=np.arange(int(lower), int(upper) + 1, dtype="int64"),
+                dims=model.named_vars_to_dims.get(rv.name),
+            )
+        )
+    return specs
+
+
+def _param_specs(model, latent_rvs, point) -> list[ParamSpec]:
+    specs = []
+    constrained = dict(zip([rv.name for rv in model.free_RVs], _constrained_shapes(model, point)))
+    for rv in model.free_RVs:
+        if rv in latent_rvs:
+            continue
+        if is_discrete(rv):
+            # Only reachable with explicit latent_vars, which _select_latents checked.
+            raise UnsupportedModelError(f"'{rv.name}' is discrete and not a latent.")
+        value = model.rvs_to_values[rv]
+        specs.append(
+            ParamSpec(
+                name=rv.name,
+                rv=rv,
+                value=value,
+                transform=model.rvs_to_transforms.get(rv),
+                shape=constrained[rv.name],
+                value_shape=tuple(np.shape(point[value.name])),
+                dims=model.named_vars_to_dims.get(rv.name),
+            )
+        )
+    return specs
+
+
+def _constrained_shapes(model, point) -> list[tuple[int, ...]]:
+    shapes = [rv.shape for rv in model.free_RVs]
+    values = evaluate_once(model.value_vars, shapes, [point[v.name] for v in model.value_vars])
+    return [tuple(int(s) for s in shape) for shape in values]
+
+
+def _terms(model, latent_rvs) -> list[Term]:
+    terms = []
+    latent_set = set(latent_rvs)
+    for var in model.basic_RVs + model.potentials:
+        (logp,) = model.logp(vars=[var], jacobian=False, sum=False)
+        if var in model.potentials:
+            kind = "potential"
+        elif var in model.observed_RVs:
+            kind = "observed"
+        elif var in latent_set:
+            kind = "latent"
+        else:
+            kind = "free"
+        terms.append(Term(name=var.name, logp=logp, kind=kind))
+    return terms
+
+
+def _attach_dependence(model, terms, latents, point) -> None:
+    """Fill each term's ``latents`` and ``owners`` (evaluated once), checking that no
+    entry of a term combines several elements of one latent."""
+    outputs, unpack = [], []
+    for latent in latents:
+        dependent = [t for t in terms if latent.value in ancestors([t.logp])]
+        for t in dependent:
+            t.latents.add(latent.name)
+        if latent.size == 1:
+            continue
+        graphs = build_owner_graphs(latent.value, [t.logp for t in dependent])
+        for t in dependent:
+            if t.logp not in graphs.owners:
+                # Depends on the latent through its shape only.
+                t.latents.discard(latent.name)
+                continue
+            checks = graphs.checks[t.logp]
+            outputs.append(graphs.owners[t.logp])
+            outputs += [c.ok for c in checks]
+            unpack.append((t, latent, checks))
+    inputs = model.value_vars
+    values = evaluate_once(inputs, outputs, [point[v.name] for v in inputs])
+    position = 0
+    for t, latent, checks in unpack:
+        owner = np.asarray(values[position])
+        oks = values[position + 1 : position + 1 + len(checks)]
+        position += 1 + len(checks)
+        for check, ok in zip(checks, oks):
+            if not bool(ok):
+                raise UnsupportedModelError(
+                    f"The log-probability of '{t.name}' combines several elements of the "
+                    f"latent '{latent.name}' (through {check.op_name}), so its elements "
+                    "cannot be enumerated independently. pm_em supports dependents whose "
+                    f"every element depends on one element of '{latent.name}' (x[i] on "
+                    f"z[i], mu[z], mu[z[group]]). Marginalize '{latent.name}' by hand, or "
+                    "make it a scalar latent if it acts as a whole."
+                )
+        if (owner < 0).all():
+            t.latents.discard(latent.name)
+        else:
+            t.owners[latent.name] = owner
+
+
+def _components(latents: list[LatentSpec], terms: list[Term]) -> list[Component]:
+    by_name = {lat.name: lat for lat in latents}
+    parent = {lat.name: lat.name for lat in latents}
+
+    def find(name):
+        while parent[name] != name:
+            parent[name] = parent[parent[name]]
+            name = parent[name]
+        return name
+
+    for t in terms:
+        names = sorted(t.latents)
+        for other in names[1:]:
+            parent[find(other)] = find(names[0])
+
+    members: dict[str, list[LatentSpec]] = {}
+    for lat in latents:
+        members.setdefault(find(lat.name), []).append(lat)
+
+    components = []
+    for group_latents in members.values():
+        names = {lat.name for lat in group_latents}
+        comp_terms = [t for t in terms if t.latents & names]
+        components.append(_build_component(group_latents, comp_terms, by_name))
+    return components
+
+
+def _build_component(latents, terms, by_name) -> Component:
+    component = Component(globals=[lat for lat in latents if lat.size == 1])
+    element = [lat for lat in latents if lat.size > 1]
+    # Element latents linked through a term form one group.
+    parent = {lat.name: lat.name for lat in element}
+
+    def find(name):
+        while parent[name] != name:
+            name = parent[name]
+        return name
+
+    for t in terms:
+        names = sorted(n for n in t.latents if n in parent)
+        for other in names[1:]:
+            parent[find(other)] = find(names[0])
+    grouped: dict[str, list[LatentSpec]] = {}
+    for lat in element:
+        grouped.setdefault(find(lat.name), []).append(lat)
+
+    for group_latents in grouped.values():
+        sizes = {lat.size for lat in group_latents}
+        if len(sizes) > 1:
+            listed = ", ".join(f"'{lat.name}' ({lat.size})" for lat in group_latents)
+            raise UnsupportedModelError(
+                f"Latents {listed} feed the same terms but have different numbers of "
+                "elements; pm_em enumerates linked latents element by element and needs "
+                "them aligned one to one."
+            )
+        group = ElementGroup(latents=group_latents, n_elements=sizes.pop())
+        names = {lat.name for lat in group_latents}
+        for t in terms:
+            if not (t.latents & names):
+                continue
+            group.terms.append((t, _group_owner(t, group_latents)))
+        component.groups.append(group)
+
+    element_names = {lat.name for lat in element}
+    component.global_terms = [t for t in terms if not (t.latents & element_names)]
+    return component
+
+
+def _group_owner(term: Term, latents: list[LatentSpec]) -> np.ndarray:
+    owners = [term.owners[lat.name] for lat in latents if lat.name in term.owners]
+    combined = owners[0]
+    for owner, lat in zip(owners[1:], latents[1:]):
+        clash = (combined >= 0) & (owner >= 0) & (combined != owner)
+        if clash.any():
+            raise UnsupportedModelError(
+                f"The log-probability of '{term.name}' links element {int(combined[clash][0])} "
+                f"of one latent with element {int(owner[clash][0])} of '{lat.name}'; pm_em "
+                "enumerates linked latents element by element and needs them aligned one "
+                "to one (z2[i] depending on z1[i])."
+            )
+        combined = np.maximum(combined, owner)
+    return combined
+
+
+def _observed_values(model):
+    values = (model.rvs_to_values[rv] for rv in model.observed_RVs)
+    return [v.data if hasattr(v, "data") else v.get_value() for v in values]

@@ -1,0 +1,288 @@
+"""The EM routine of a model, compiled once, usable a step at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pymc as pm
+from scipy import optimize
+
+from pm_em.analysis import analyze_model
+from pm_em.compile import compile_function
+from pm_em.graphs import build_em_graphs
+from pm_em.loop import EMHistory, EMState
+from pm_em.mstep import join_flat, split_flat
+from pm_em.pointwise import pointwise_loglik
+
+__all__ = ["EM", "FitResult", "LogResponsibilities"]
+
+# The M-step's inner optimizer must be far more precise than the EM tolerance, or EM
+# stalls on the optimizer's noise instead of converging.
+_MSTEP_OPTIONS = {"maxiter": 500, "ftol": 1e-15, "gtol": 1e-11, "maxcor": 20}
+
+
+class LogResponsibilities(dict):
+    """Latent name -> log responsibilities, as returned by :meth:`EM.e_step`.
+
+    A plain ``dict`` for the user; it also carries the joint tables the M-step needs
+    when several latents are enumerated together (``joint``), so that passing it back
+    to :meth:`EM.m_step` is exact.
+    """
+
+    def __init__(self, marginals, joint):
+        super().__init__(marginals)
+        self.joint = joint
+
+
+@dataclass
+class FitResult:
+    """Everything a fit returns, before it becomes InferenceData."""
+
+    point: dict[str, np.ndarray]
+    deterministics: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    log_resp: LogResponsibilities
+    pointwise: dict[str, np.ndarray]
+    logp: float
+    history: EMHistory
+
+
+class EM:
+    """EM for the MAP of a PyMC model with finite discrete latent variables.
+
+    The routine is derived from the model's graph and compiled once at construction;
+    the methods run it a step at a time (as the EM lecture notes do by hand), and
+    :func:`pm_em.find_MAP` runs it to convergence.
+
+    Parameters
+    ----------
+    model : pm.Model, optional
+        The model; by default the one of the ``with`` context.
+    latent_vars : list of str, optional
+        Names of the latents to enumerate; by default every discrete free variable.
+    compile_kwargs : dict, optional
+        Passed to :func:`pytensor.function`.
+
+    Raises
+    ------
+    UnsupportedModelError
+        When a latent cannot be enumerated exactly; the message says why and what to do.
+
+    Examples
+    --------
+    >>> em = pm_em.EM(model)  # doctest: +SKIP
+    >>> point = em.initial_point(random_seed=1)  # doctest: +SKIP
+    >>> for _ in range(50):  # doctest: +SKIP
+    ...     point = em.m_step(point, em.e_step(point))
+    """
+
+    def __init__(self, model=None, *, latent_vars=None, compile_kwargs=None):
+        self.model = pm.modelcontext(model)
+        self.structure = analyze_model(self.model, latent_vars)
+        self.graphs = graphs = build_em_graphs(self.structure)
+        self.params = self.structure.params
+        self.latents = self.structure.latents
+
+        posterior_outputs = []
+        for post in graphs.posteriors:
+            posterior_outputs.append(post.log_q_global)
+            posterior_outputs += post.log_w_groups
+        self._marginal_names = [n for post in graphs.posteriors for n in post.log_resp]
+        marginals = [post.log_resp[n] for post in graphs.posteriors for n in post.log_resp]
+        self._n_joint = len(posterior_outputs)
+        self._e_step_fn = compile_function(
+            graphs.values, [graphs.logp, *posterior_outputs, *marginals], compile_kwargs
+        )
+        self._objective_fn = compile_function(
+            [graphs.theta_flat, *graphs.responsibilities.flat],
+            [graphs.objective, graphs.gradient],
+            compile_kwargs,
+        )
+        self._constrained_fn = compile_function(graphs.values, graphs.constrained, compile_kwargs)
+        self._unconstrained_fn = compile_function(
+            graphs.constrained_inputs, graphs.unconstrained, compile_kwargs
+        )
+        self._compile_kwargs = compile_kwargs
+        self._result_fn = None
+
+    # -- conversions -----------------------------------------------------------------
+
+    def to_values(self, point: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Constrained point (by variable name) -> value-variable arrays."""
+        missing = [p.name for p in self.params if p.name not in point]
+        if missing:
+            raise ValueError(f"point is missing values for {missing}.")
+        constrained = []
+        for p in self.params:
+            value = np.asarray(point[p.name], dtype=p.rv.type.dtype)
+            if value.shape != p.shape:
+                raise ValueError(f"point['{p.name}'] has shape {value.shape}, expected {p.shape}.")
+            constrained.append(value)
+        return [np.asarray(v) for v in self._unconstrained_fn(*constrained)]
+
+    def to_point(self, values: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """Value-variable arrays -> constrained point (by variable name)."""
+        constrained = self._constrained_fn(*values)
+        return {p.name: np.asarray(v) for p, v in zip(self.params, constrained)}
+
+    # -- the steps -------------------------------------------------------------------
+
+    def initial_point(self, random_seed=None) -> dict[str, np.ndarray]:
+        """A start for EM: the model's initial point, jittered on the unconstrained space.
+
+        The model's default point puts e.g. all mixture means at the same value, a
+        symmetric point EM can never leave; a uniform(-1, 1) jitter of the
+        unconstrained values, reproducible from ``random_seed``, breaks the symmetry.
+
+        Parameters
+        ----------
+        random_seed : int or np.random.Generator, optional
+
+        Returns
+        -------
+        dict
+            Continuous free variable name -> value, constrained space.
+        """
+        rng = np.random.default_rng(random_seed)
+        start = self.model.initial_point(random_seed=int(rng.integers(2**31)))
+        values = [
+            np.asarray(start[p.value.name]) + rng.uniform(-1, 1, size=p.value_shape)
+            for p in self.params
+        ]
+        return self.to_point(values)
+
+    def e_step(self, point: Mapping[str, np.ndarray]) -> LogResponsibilities:
+        """Log responsibilities of every latent at ``point``.
+
+        Returns
+        -------
+        LogResponsibilities
+            Latent name -> array shaped ``latent.shape + (n_support,)``; its
+            ``joint`` attribute holds the joint tables for :meth:`m_step`.
+        """
+        return self._e_step_values(self.to_values(point))[1]
+
+    def _e_step_values(self, values):
+        logp, *rest = self._e_step_fn(*values)
+        joint = [np.asarray(a) for a in rest[: self._n_joint]]
+        marginals = dict(zip(self._marginal_names, (np.asarray(a) for a in rest[self._n_joint :])))
+        return float(logp), LogResponsibilities(marginals, joint)
+
+    def m_step(self, point: Mapping[str, np.ndarray], log_resp) -> dict[str, np.ndarray]:
+        """The next point: the maximizer of the expected complete-data log-posterior.
+
+        Parameters
+        ----------
+        point : dict
+            Current point (warm start), constrained space.
+        log_resp : LogResponsibilities or dict
+            From :meth:`e_step`. A plain dict of marginals is accepted when every
+            latent is enumerated on its own.
+        """
+        values = self.to_values(point)
+        return self.to_point(self._m_step_values(values, self._joint_tables(log_resp)))
+
+    def _joint_tables(self, log_resp) -> list[np.ndarray]:
+        if isinstance(log_resp, LogResponsibilities):
+            return log_resp.joint
+        tables = []
+        for comp in self.structure.components:
+            if comp.globals and comp.groups or len(comp.latents) > 1:
+                names = [lat.name for lat in comp.latents]
+                raise ValueError(
+                    f"Latents {names} are enumerated jointly: pass the object returned by "
+                    "e_step (it carries their joint posterior), not a plain dict."
+                )
+            (lat,) = comp.latents
+            resp = np.asarray(log_resp[lat.name], dtype=float)
+            if comp.globals:
+                tables.append(resp.reshape(-1))
+            else:
+                tables.append(np.zeros(1))
+                tables.append(resp.reshape(lat.size, lat.n_support).T[None])
+        return tables
+
+    def _m_step_values(self, values, joint_tables):
+        if not self.params:
+            return values
+        start = join_flat(self.params, {p.value.name: v for p, v in zip(self.params, values)})
+        scale = 1.0 / self.structure.n_observations
+
+        def negative(theta):
+            q, grad = self._objective_fn(theta, *joint_tables)
+            return -scale * float(q), -scale * np.asarray(grad)
+
+        q_start, _ = negative(start)
+        result = optimize.minimize(
+            negative, start, jac=True, method="L-BFGS-B", options=_MSTEP_OPTIONS
+        )
+        # A generalized EM step only needs Q not to decrease; never accept worse.
+        if not np.isfinite(result.fun) or result.fun > q_start:
+            return values
+        new = split_flat(self.params, result.x)
+        return [new[p.value.name] for p in self.params]
+
+    def logp(self, point: Mapping[str, np.ndarray]) -> float:
+        """Observed-data log-posterior at ``point``: latents summed out, priors
+        included, no Jacobian. EM never decreases it."""
+        return float(self._e_step_fn(*self.to_values(point))[0])
+
+    # -- results ---------------------------------------------------------------------
+
+    def _result_outputs(self, values, labels):
+        """Deterministics and per-configuration term tables, compiled on first use
+        (once per EM object, not per fit)."""
+        graphs = self.graphs
+        global_tables = [t for tab in graphs.tables for t in tab.global_term_tables]
+        group_tables = [t for tab in graphs.tables for ts in tab.group_term_tables for t in ts]
+        free_observed = [t for t in self.structure.latent_free_terms if t.kind == "observed"]
+        if self._result_fn is None:
+            self._result_fn = compile_function(
+                graphs.values + [lat.value for lat in self.latents],
+                graphs.deterministics
+                + global_tables
+                + group_tables
+                + [t.logp for t in free_observed],
+                self._compile_kwargs,
+            )
+        outputs = self._result_fn(*values, *(labels[lat.name] for lat in self.latents))
+        n_det = len(graphs.deterministics)
+        deterministics = {
+            d.name: np.asarray(v) for d, v in zip(self.model.deterministics, outputs[:n_det])
+        }
+        rest = [np.asarray(v) for v in outputs[n_det:]]
+        pointwise = {t.name: v for t, v in zip(free_observed, rest[-len(free_observed) :])}
+        global_values = rest[: len(global_tables)]
+        group_values = rest[len(global_tables) : len(global_tables) + len(group_tables)]
+        for comp in self.structure.components:
+            n_global_terms = len(comp.global_terms)
+            comp_global = global_values[:n_global_terms]
+            global_values = global_values[n_global_terms:]
+            comp_groups = []
+            for group in comp.groups:
+                comp_groups.append(group_values[: len(group.terms)])
+                group_values = group_values[len(group.terms) :]
+            pointwise.update(pointwise_loglik(comp, comp_global, comp_groups))
+        return deterministics, pointwise
+
+    def finish(self, state: EMState, history: EMHistory) -> FitResult:
+        """Package a final EM state: constrained point, most probable latent values,
+        Deterministics there, and the pointwise log-likelihood."""
+        labels = {
+            lat.name: lat.support[np.argmax(state.log_resp[lat.name], axis=-1)].astype(
+                lat.value.type.dtype
+            )
+            for lat in self.latents
+        }
+        deterministics, pointwise = self._result_outputs(state.values, labels)
+        return FitResult(
+            point=self.to_point(state.values),
+            deterministics=deterministics,
+            labels=labels,
+            log_resp=state.log_resp,
+            pointwise=pointwise,
+            logp=state.logp,
+            history=history,
+        )

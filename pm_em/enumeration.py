@@ -1,0 +1,224 @@
+"""Symbolic enumeration of the latents: log-joint tables, responsibilities, and the
+observed-data log-posterior.
+
+For a component with global latents (joint configurations ``g``, ``Kg`` of them) and
+element groups (joint configurations ``k`` per element ``i``), the log-probability
+terms are evaluated once per configuration by vectorizing the model's graph over a
+leading batch axis (``vectorize_graph``), and attributed to elements through the owner
+maps of the analysis:
+
+* ``A[g, k, i]``: the terms attributed to element ``i`` of a group;
+* ``B[g]``: the terms that depend on the global latents only.
+
+Then, with ``m[g, i] = logsumexp_k A[g, k, i]`` and ``L[g] = B[g] + sum_i m[g, i]``,
+the component's log marginal is ``logsumexp_g L[g]``, the posterior of the globals is
+``log q(g) = L[g] - logsumexp L``, and the joint posterior of element ``i`` is
+``log W[g, k, i] = log q(g) + A[g, k, i] - m[g, i]``. All in log space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytensor.tensor as pt
+from pytensor.graph.basic import Variable
+from pytensor.graph.replace import vectorize_graph
+
+from pm_em.analysis import Component, ElementGroup, ModelStructure
+from pm_em.latents import LatentSpec
+
+__all__ = [
+    "ComponentPosterior",
+    "ComponentTables",
+    "build_tables",
+    "logsumexp",
+    "posterior_from_tables",
+]
+
+
+def logsumexp(x: Variable, axis) -> Variable:
+    """``log(sum(exp(x)))`` along ``axis``, exact when every entry is ``-inf``."""
+    x_max = pt.max(x, axis=axis, keepdims=True)
+    safe_max = pt.switch(pt.isinf(x_max), 0.0, x_max)
+    total = pt.log(pt.sum(pt.exp(x - safe_max), axis=axis, keepdims=True)) + safe_max
+    return pt.squeeze(total, axis=axis)
+
+
+@dataclass
+class ComponentTables:
+    """Symbolic log-joint tables of one component.
+
+    Attributes
+    ----------
+    global_table : Variable
+        ``B``, shape ``(Kg,)``.
+    group_tables : list of Variable
+        ``A`` per element group, shape ``(Kg, Ke, n)``.
+    global_term_tables : list of Variable
+        Each global term evaluated per global configuration, ``(Kg, *term.shape)``.
+    group_term_tables : list of list of Variable
+        Per group, each of its terms per joint configuration, ``(Kg * Ke, *term.shape)``
+        (for pointwise log-likelihoods).
+    """
+
+    global_table: Variable
+    group_tables: list[Variable]
+    global_term_tables: list[Variable]
+    group_term_tables: list[list[Variable]]
+
+
+@dataclass
+class ComponentPosterior:
+    """Symbolic E-step results of one component.
+
+    Attributes
+    ----------
+    log_marginal : Variable
+        Scalar: log of the component's terms with its latents summed out.
+    log_q_global : Variable
+        ``log q(g)``, shape ``(Kg,)``.
+    log_w_groups : list of Variable
+        ``log W[g, k, i]`` per group, shape ``(Kg, Ke, n)``.
+    log_resp : dict
+        Latent name -> log responsibilities, shaped ``latent.shape + (n_support,)``.
+    """
+
+    log_marginal: Variable
+    log_q_global: Variable
+    log_w_groups: list[Variable]
+    log_resp: dict[str, Variable]
+
+
+def _config_values(latents: list[LatentSpec], repeat: int, tile: int) -> list[np.ndarray]:
+    """Support value of each latent at each joint configuration.
+
+    Configurations are enumerated row-major over ``latents``; each is repeated
+    ``repeat`` times consecutively and the whole sequence tiled ``tile`` times, so
+    that global configurations (outer) and group configurations (inner) combine
+    as ``c = g * Ke + k``.
+    """
+    sizes = [lat.n_support for lat in latents]
+    if not latents:
+        return []
+    indices = np.unravel_index(np.arange(int(np.prod(sizes))), sizes)
+    return [
+        np.tile(np.repeat(lat.support[idx], repeat), tile) for lat, idx in zip(latents, indices)
+    ]
+
+
+def _batched_value(latent: LatentSpec, values: np.ndarray) -> Variable:
+    """The latent's value variable replaced by one value per configuration, shaped
+    ``(C, *latent.shape)``."""
+    column = pt.constant(values.astype(latent.value.type.dtype))
+    column = column.reshape((len(values),) + (1,) * len(latent.shape))
+    return pt.broadcast_to(column, (len(values), *latent.shape))
+
+
+def _attribute(term_batched: Variable, owner: np.ndarray, n: int) -> tuple[Variable, Variable]:
+    """Split a batched term ``(C, *shape)`` into its per-element part ``(C, n)`` and
+    the part that depends on no element ``(C,)``."""
+    n_configs = term_batched.shape[0]
+    flat_owner = owner.ravel()
+    flat = term_batched.reshape((n_configs, flat_owner.size))
+    owned = flat_owner >= 0
+    unowned_part = pt.zeros((n_configs,))
+    if not owned.all():
+        unowned_part = flat[:, np.flatnonzero(~owned)].sum(axis=1)
+        flat = flat[:, np.flatnonzero(owned)]
+        flat_owner = flat_owner[owned]
+    if flat_owner.size == n and (flat_owner == np.arange(n)).all():
+        return flat, unowned_part
+    repeats = flat_owner.size // n
+    if repeats * n == flat_owner.size and (flat_owner == np.repeat(np.arange(n), repeats)).all():
+        return flat.reshape((n_configs, n, repeats)).sum(axis=2), unowned_part
+    # General case (e.g. repeated measures in any order): scatter-add by owner.
+    summed = pt.zeros((n, n_configs))
+    summed = pt.inc_subtensor(summed[pt.constant(flat_owner)], flat.T)
+    return summed.T, unowned_part
+
+
+def _group_table(group: ElementGroup, globals_: list[LatentSpec], n_global: int) -> tuple:
+    n_group = group.n_configs
+    replace = {}
+    for lat, values in zip(globals_, _config_values(globals_, n_group, 1)):
+        replace[lat.value] = _batched_value(lat, values)
+    for lat, values in zip(group.latents, _config_values(group.latents, 1, n_global)):
+        replace[lat.value] = _batched_value(lat, values)
+    n_configs = n_global * n_group
+    terms = [t.logp for t, _ in group.terms]
+    batched = vectorize_graph(terms, replace=replace)
+    element_total = pt.zeros((n_configs, group.n_elements))
+    unowned_total = pt.zeros((n_configs,))
+    batched = [
+        pt.broadcast_to(term_batched, (n_configs, *owner.shape))
+        for (_, owner), term_batched in zip(group.terms, batched)
+    ]
+    for (term, owner), term_batched in zip(group.terms, batched):
+        element_part, unowned_part = _attribute(term_batched, owner, group.n_elements)
+        element_total = element_total + element_part
+        unowned_total = unowned_total + unowned_part
+    table = element_total.reshape((n_global, n_group, group.n_elements))
+    # The unowned part does not vary with the group's configuration.
+    return table, unowned_total.reshape((n_global, n_group))[:, 0], batched
+
+
+def build_tables(component: Component) -> ComponentTables:
+    """Symbolic log-joint tables of ``component``, in terms of the value variables."""
+    n_global = component.n_global_configs
+    global_table = pt.zeros((n_global,))
+    global_term_tables = []
+    if component.global_terms:
+        replace = {
+            lat.value: _batched_value(lat, values)
+            for lat, values in zip(component.globals, _config_values(component.globals, 1, 1))
+        }
+        batched = vectorize_graph([t.logp for t in component.global_terms], replace=replace)
+        for term, term_batched in zip(component.global_terms, batched):
+            term_batched = pt.broadcast_to(term_batched, (n_global, *term.logp.shape))
+            global_term_tables.append(term_batched)
+            global_table = global_table + term_batched.reshape((n_global, -1)).sum(axis=1)
+    group_tables, group_term_tables = [], []
+    for group in component.groups:
+        table, unowned, term_tables = _group_table(group, component.globals, n_global)
+        group_tables.append(table)
+        group_term_tables.append(term_tables)
+        global_table = global_table + unowned
+    return ComponentTables(global_table, group_tables, global_term_tables, group_term_tables)
+
+
+def posterior_from_tables(component: Component, tables: ComponentTables) -> ComponentPosterior:
+    """E-step of one component: responsibilities and log marginal from its tables."""
+    element_marginals = [logsumexp(table, axis=1) for table in tables.group_tables]
+    per_global = tables.global_table
+    for marginal in element_marginals:
+        per_global = per_global + marginal.sum(axis=1)
+    log_marginal = logsumexp(per_global, axis=0)
+    log_q_global = per_global - log_marginal
+    log_w_groups = [
+        log_q_global[:, None, None] + table - marginal[:, None, :]
+        for table, marginal in zip(tables.group_tables, element_marginals)
+    ]
+    log_resp = {}
+    sizes = [lat.n_support for lat in component.globals]
+    for axis, lat in enumerate(component.globals):
+        joint = log_q_global.reshape(sizes)
+        other = tuple(a for a in range(len(sizes)) if a != axis)
+        marginal = logsumexp(joint, axis=other) if other else joint
+        log_resp[lat.name] = marginal.reshape((*lat.shape, lat.n_support))
+    for group, log_w in zip(component.groups, log_w_groups):
+        sizes = [lat.n_support for lat in group.latents]
+        joint = log_w.reshape((log_w.shape[0], *sizes, group.n_elements))
+        for axis, lat in enumerate(group.latents):
+            other = (0,) + tuple(a + 1 for a in range(len(sizes)) if a != axis)
+            marginal = logsumexp(joint, axis=other)  # (n_support, n)
+            log_resp[lat.name] = marginal.T.reshape((*lat.shape, lat.n_support))
+    return ComponentPosterior(log_marginal, log_q_global, log_w_groups, log_resp)
+
+
+def latent_free_logp(structure: ModelStructure) -> Variable:
+    """Sum of the terms that depend on no latent (priors, other likelihoods)."""
+    total = pt.constant(0.0)
+    for term in structure.latent_free_terms:
+        total = total + term.logp.sum()
+    return total

@@ -1,0 +1,119 @@
+"""Latent structures EM cannot enumerate exactly are refused, with a message that
+names the variable and the way out; bad options get a ValueError."""
+
+import numpy as np
+import pymc as pm
+import pytest
+
+import pm_em
+from pm_em import UnsupportedModelError
+
+
+def poisson_latent():
+    with pm.Model() as model:
+        rate = pm.Exponential("rate", 1.0)
+        k = pm.Poisson("k", rate, shape=3)
+        pm.Normal("y", k, 1.0, observed=np.zeros(3))
+    return model
+
+
+def summed_latent():
+    with pm.Model() as model:
+        z = pm.Bernoulli("z", 0.5, shape=3)
+        pm.Normal("y", z.sum(), 1.0, observed=1.0)
+    return model
+
+
+def cumsum_latent():
+    with pm.Model() as model:
+        mu = pm.Normal("mu", 0, 1)
+        z = pm.Bernoulli("z", 0.5, shape=3)
+        pm.Normal("y", mu + z.cumsum(), 1.0, observed=np.zeros(3))
+    return model
+
+
+def imputed_continuous():
+    with pm.Model() as model, pytest.warns(pm.ImputationWarning):
+        mu = pm.Normal("mu", 0, 1)
+        z = pm.Bernoulli("z", 0.5, shape=3)
+        pm.Normal("y", mu + z, 1.0, observed=np.array([0.1, np.nan, 0.3]))
+    return model
+
+
+def parameter_dependent_support():
+    with pm.Model() as model:
+        upper = pm.Normal("upper", 3, 1)
+        k = pm.DiscreteUniform("k", 0, upper.astype("int64"))
+        pm.Normal("y", k, 1.0, observed=1.0)
+    return model
+
+
+def misaligned_latents():
+    with pm.Model() as model:
+        z1 = pm.Bernoulli("z1", 0.5, shape=2)
+        z2 = pm.Bernoulli("z2", 0.5, shape=3)
+        pm.Normal("y", z1[[0, 1, 1]] + z2, 1.0, observed=np.zeros(3))
+    return model
+
+
+def crossed_latents():
+    with pm.Model() as model:
+        z1 = pm.Bernoulli("z1", 0.5, shape=3)
+        z2 = pm.Bernoulli("z2", 0.5, shape=3)
+        pm.Normal("y", z1 + z2[::-1], 1.0, observed=np.zeros(3))
+    return model
+
+
+CASES = {
+    "infinite_support": (poisson_latent, r"'k' \(PoissonRV\) has infinite support.*Truncate"),
+    "sum_of_latent": (summed_latent, r"'y' combines several elements of the latent 'z'"),
+    "cumsum_of_latent": (cumsum_latent, r"'y' combines several elements of the latent 'z'"),
+    "imputed_data": (imputed_continuous, r"'y' has missing values.*'y_unobserved'"),
+    "parameter_support": (parameter_dependent_support, r"support of latent 'k' depends"),
+    "misaligned_sizes": (misaligned_latents, r"different numbers of elements"),
+    "crossed_elements": (crossed_latents, r"links element .* of '(z1|z2)'.*aligned one"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_unsupported_structure_is_refused(case):
+    build, message = CASES[case]
+    with pytest.raises(UnsupportedModelError, match=message):
+        pm_em.EM(build())
+
+
+def test_latent_vars_validation():
+    model = summed_latent()
+    with pytest.raises(ValueError, match="'nope' is not a variable of the model"):
+        pm_em.EM(model, latent_vars=["nope"])
+    with pytest.raises(ValueError, match="'y' is not a free random variable"):
+        pm_em.EM(model, latent_vars=["y"])
+    with pm.Model() as two:
+        mu = pm.Normal("mu")
+        pm.Bernoulli("a", 0.5)
+        pm.Bernoulli("b", 0.5)
+        pm.Normal("y", mu, observed=0.0)
+    with pytest.raises(ValueError, match="'mu' is continuous"):
+        pm_em.EM(two, latent_vars=["mu"])
+    with pytest.raises(UnsupportedModelError, match="'b' is a discrete free variable but not in"):
+        pm_em.EM(two, latent_vars=["a"])
+
+
+def test_no_model_in_context():
+    with pytest.raises(TypeError, match="No model on context stack"):
+        pm_em.find_MAP()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"tol": 0.0}, "tol must be a positive finite number"),
+        ({"tol": float("nan")}, "tol must be a positive finite number"),
+        ({"max_iter": 0}, "max_iter must be an integer >= 1"),
+        ({"max_iter": 2.5}, "max_iter must be an integer >= 1"),
+    ],
+    ids=["tol_zero", "tol_nan", "max_iter_zero", "max_iter_float"],
+)
+def test_options_are_checked_before_any_work(options, message):
+    with pytest.raises(ValueError, match=message):
+        pm_em.find_MAP(summed_latent(), **options)
