@@ -65,7 +65,7 @@ def main():
     x = simulate_data()
     start = initial_values(x)
     idata = pm_em.find_MAP(
-        build_model(x), initvals=start, tol=1e-10, random_seed=1, progressbar=False
+        build_model(x), initvals=start, tol=1e-12, random_seed=1, progressbar=False
     )
     post = idata.posterior.squeeze(("chain", "draw"))
     gm = fit_sklearn(x, start)
@@ -77,10 +77,7 @@ def main():
         ("sigma", sklearn_sigma, TRUE_SIGMA),
     ]:
         for k, ours in enumerate(post[name].values):
-            print(
-                f"{name}[{k}]".ljust(9)
-                + f"{ours:>10.5f}{theirs[k]:>10.5f}{truth[k]:>7.2f}"
-            )
+            print(f"{name}[{k}]".ljust(9) + f"{ours:>10.5f}{theirs[k]:>10.5f}{truth[k]:>7.2f}")
     print(
         f"log-likelihood: pm_em {float(idata.log_likelihood['x'].sum()):.4f}, "
         f"sklearn {gm.score(x[:, None]) * len(x):.4f}; "

@@ -85,7 +85,7 @@ def main():
     X = simulate_data()
     start, cov = kmeans_start(X)
     idata = pm_em.find_MAP(
-        build_model(X), initvals=start, tol=1e-10, random_seed=6, progressbar=False
+        build_model(X), initvals=start, tol=1e-12, random_seed=6, progressbar=False
     )
     post = idata.posterior.squeeze(("chain", "draw"))
     gm = fit_sklearn(X, start, cov)

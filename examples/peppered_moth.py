@@ -64,20 +64,13 @@ def main():
     post = idata.posterior.squeeze(("chain", "draw"))
     print(f"{'allele':<8}{'pm_em':>10}{'literature':>12}")
     for k, allele in enumerate(["C", "I", "T"]):
-        print(
-            f"p_{allele:<6}{float(post['allele_freq'][k]):>10.5f}{LITERATURE_MLE[k]:>12.5f}"
-        )
+        print(f"p_{allele:<6}{float(post['allele_freq'][k]):>10.5f}{LITERATURE_MLE[k]:>12.5f}")
     print(f"EM iterations: {int(idata.em_stats['n_iter'])}")
     # Expected genotype counts among the carbonaria (the first 85 moths).
-    expected = np.exp(post["lp_genotype"].values[: PHENOTYPE_COUNTS["carbonaria"]]).sum(
-        0
-    )
+    expected = np.exp(post["lp_genotype"].values[: PHENOTYPE_COUNTS["carbonaria"]]).sum(0)
     print(
         "expected carbonaria genotypes:",
-        {
-            g: round(float(c), 2)
-            for g, c in zip(GENOTYPES[:3], expected[:3], strict=True)
-        },
+        {g: round(float(c), 2) for g, c in zip(GENOTYPES[:3], expected[:3], strict=True)},
     )
 
 

@@ -46,19 +46,15 @@ def main():
     idata = pm_em.find_MAP(
         build_model(heads),
         initvals=initial_values(),
-        tol=1e-10,
+        tol=1e-12,
         random_seed=3,
         progressbar=False,
     )
     post = idata.posterior.squeeze(("chain", "draw"))
-    known_coin_mle = [
-        heads[coin == k].sum() / (N_TOSSES * (coin == k).sum()) for k in (0, 1)
-    ]
+    known_coin_mle = [heads[coin == k].sum() / (N_TOSSES * (coin == k).sum()) for k in (0, 1)]
     print(f"{'':<6}{'pm_em':>10}{'coins known':>13}{'truth':>8}")
     for k in (0, 1):
-        print(
-            f"p[{k}]  {float(post['p'][k]):>10.4f}{known_coin_mle[k]:>13.4f}{TRUE_P[k]:>8.2f}"
-        )
+        print(f"p[{k}]  {float(post['p'][k]):>10.4f}{known_coin_mle[k]:>13.4f}{TRUE_P[k]:>8.2f}")
     agreement = np.mean(post["coin"].values == coin)
     print(f"most probable coin matches the simulated one in {agreement:.0%} of trials")
 

@@ -46,7 +46,7 @@ def main():
     idata = pm_em.find_MAP(
         build_model(x),
         initvals={"psi": 0.5, "rate": 1.0},  # the seed's run_em defaults
-        tol=1e-10,
+        tol=1e-12,
         random_seed=4,
         progressbar=False,
     )
@@ -55,9 +55,7 @@ def main():
     truth = {"psi": TRUE_PSI, "rate": TRUE_RATE}
     print(f"{'':<6}{'pm_em':>10}{'score eq.':>11}{'truth':>8}")
     for name in ("psi", "rate"):
-        print(
-            f"{name:<6}{float(post[name]):>10.5f}{reference[name]:>11.5f}{truth[name]:>8.2f}"
-        )
+        print(f"{name:<6}{float(post[name]):>10.5f}{reference[name]:>11.5f}{truth[name]:>8.2f}")
     p_structural = np.exp(post["lp_z"].sel(lp_z_dim=0).values)
     print(
         f"P(structural zero | x = 0) = {p_structural[x == 0][0]:.4f}; "

@@ -154,7 +154,7 @@ def _group_table(group: ElementGroup, globals_: list[LatentSpec], n_global: int)
         pt.broadcast_to(term_batched, (n_configs, *owner.shape))
         for (_, owner), term_batched in zip(group.terms, batched)
     ]
-    for (term, owner), term_batched in zip(group.terms, batched):
+    for (_, owner), term_batched in zip(group.terms, batched):
         element_part, unowned_part = _attribute(term_batched, owner, group.n_elements)
         element_total = element_total + element_part
         unowned_total = unowned_total + unowned_part

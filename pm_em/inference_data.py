@@ -46,7 +46,8 @@ def _posterior(em, point, deterministics, labels, log_resp) -> xr.Dataset:
 def _log_likelihood(em, pointwise) -> xr.Dataset:
     model = em.model
     data = {name: np.asarray(v)[None, None] for name, v in pointwise.items()}
-    dims = {name: _dims(model, name, np.ndim(v)) for name, v in pointwise.items()}
+    # A multivariate likelihood has one value per row: keep the batch dims only.
+    dims = {name: _dims(model, name, np.ndim(v))[: np.ndim(v)] for name, v in pointwise.items()}
     return az.dict_to_dataset(data, library=pm, coords=_coords(model), dims=dims)
 
 

@@ -340,9 +340,7 @@ def normal_mixture_em(
     """
     x = np.asarray(x, dtype=float)
     return run_em(
-        lambda params: normal_mixture_e_step(
-            x, params["w"], params["mu"], params["sigma"]
-        ),
+        lambda params: normal_mixture_e_step(x, params["w"], params["mu"], params["sigma"]),
         lambda log_resp: normal_mixture_m_step(x, log_resp),
         {"w": w_start, "mu": mu_start, "sigma": sigma_start},
         tol=tol,
@@ -355,9 +353,7 @@ def normal_mixture_em(
 # --------------------------------------------------------------------------
 
 
-def _mvn_logpdf_per_component(
-    x: np.ndarray, mu: np.ndarray, cov: np.ndarray
-) -> np.ndarray:
+def _mvn_logpdf_per_component(x: np.ndarray, mu: np.ndarray, cov: np.ndarray) -> np.ndarray:
     """``log N(x_i | mu_k, cov_k)`` as an ``(n, K)`` table via Cholesky factors."""
     chol = np.linalg.cholesky(cov)
     n_dims = x.shape[1]
@@ -366,9 +362,7 @@ def _mvn_logpdf_per_component(
         # Solving L y = (x - mu) gives the Mahalanobis term without an inverse.
         standardised = np.linalg.solve(chol[k], (x - mu[k]).T)
         log_det = 2.0 * np.log(np.diag(chol[k])).sum()
-        table[:, k] = -0.5 * (
-            (standardised**2).sum(0) + log_det + n_dims * np.log(2.0 * np.pi)
-        )
+        table[:, k] = -0.5 * ((standardised**2).sum(0) + log_det + n_dims * np.log(2.0 * np.pi))
     return table
 
 
@@ -404,9 +398,7 @@ def gaussian_mixture_e_step(
     return _normalise(gaussian_mixture_log_joint(x, w, mu, cov))
 
 
-def gaussian_mixture_m_step(
-    x: np.ndarray, log_resp: np.ndarray
-) -> dict[str, np.ndarray]:
+def gaussian_mixture_m_step(x: np.ndarray, log_resp: np.ndarray) -> dict[str, np.ndarray]:
     """Weighted proportions, means and covariances (no regularisation).
 
     Returns
@@ -449,9 +441,7 @@ def gaussian_mixture_em(
     """
     x = np.asarray(x, dtype=float)
     return run_em(
-        lambda params: gaussian_mixture_e_step(
-            x, params["w"], params["mu"], params["cov"]
-        ),
+        lambda params: gaussian_mixture_e_step(x, params["w"], params["mu"], params["cov"]),
         lambda log_resp: gaussian_mixture_m_step(x, log_resp),
         {"w": w_start, "mu": mu_start, "cov": cov_start},
         tol=tol,
@@ -464,9 +454,7 @@ def gaussian_mixture_em(
 # --------------------------------------------------------------------------
 
 
-def zero_inflated_poisson_log_joint(
-    x: np.ndarray, psi: float, rate: float
-) -> np.ndarray:
+def zero_inflated_poisson_log_joint(x: np.ndarray, psi: float, rate: float) -> np.ndarray:
     """``log P(x_i, z_i)`` as an ``(n, 2)`` table; column 0 is the structural zero."""
     with np.errstate(divide="ignore"):
         # log(1[x == 0]) is -inf for positive counts: they cannot be structural.
@@ -498,9 +486,7 @@ def zero_inflated_poisson_e_step(
     return _normalise(zero_inflated_poisson_log_joint(x, psi, rate))
 
 
-def zero_inflated_poisson_m_step(
-    x: np.ndarray, log_resp: np.ndarray
-) -> dict[str, np.ndarray]:
+def zero_inflated_poisson_m_step(x: np.ndarray, log_resp: np.ndarray) -> dict[str, np.ndarray]:
     """Fraction of Poisson draws and their weighted mean.
 
     Returns
@@ -574,9 +560,7 @@ def zero_inflated_poisson_mle(x: np.ndarray) -> dict[str, float]:
         return mean * -np.expm1(-rate) - rate * positive_fraction
 
     # score > 0 near 0 whenever the data carry extra zeros; score(mean / pf) < 0.
-    rate = optimize.brentq(
-        score, 1e-12, mean / positive_fraction, xtol=1e-15, rtol=1e-15
-    )
+    rate = optimize.brentq(score, 1e-12, mean / positive_fraction, xtol=1e-15, rtol=1e-15)
     return {"psi": mean / rate, "rate": rate}
 
 
@@ -600,9 +584,7 @@ def _hardy_weinberg_log_probs(allele_freq: np.ndarray) -> np.ndarray:
     return _ALLELE_COUNTS @ log_p + np.log(2.0) * is_heterozygous
 
 
-def peppered_moth_log_joint(
-    phenotype: np.ndarray, allele_freq: np.ndarray
-) -> np.ndarray:
+def peppered_moth_log_joint(phenotype: np.ndarray, allele_freq: np.ndarray) -> np.ndarray:
     """``log P(phenotype_i, genotype_i = g)`` as an ``(n, 6)`` table."""
     with np.errstate(divide="ignore"):
         # A genotype that cannot show the observed phenotype has log-prob -inf.
@@ -720,15 +702,12 @@ def enumerate_latent_posterior(
     n_configurations = int(np.prod([len(support) for support in supports]))
     if n_configurations > max_configurations:
         raise ValueError(
-            f"expected at most {max_configurations} latent configurations, "
-            f"got {n_configurations}"
+            f"expected at most {max_configurations} latent configurations, got {n_configurations}"
         )
     index_grid = list(itertools.product(*(range(len(support)) for support in supports)))
     log_joint_table = np.array(
         [
-            log_joint(
-                tuple(support[i] for support, i in zip(supports, indices, strict=True))
-            )
+            log_joint(tuple(support[i] for support, i in zip(supports, indices, strict=True)))
             for indices in index_grid
         ]
     )
@@ -740,9 +719,7 @@ def enumerate_latent_posterior(
         log_marginals.append(
             np.array(
                 [
-                    special.logsumexp(
-                        log_posterior[index_grid[:, element] == value_index]
-                    )
+                    special.logsumexp(log_posterior[index_grid[:, element] == value_index])
                     for value_index in range(len(support))
                 ]
             )

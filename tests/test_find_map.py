@@ -1,0 +1,124 @@
+"""find_MAP end to end: InferenceData layout, reuse of the compiled routine, and the
+user's model left as it was (pm.sample still works on it)."""
+
+import warnings
+
+import numpy as np
+import pymc as pm
+import pytensor
+import pytest
+
+import pm_em
+
+N = 60
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(11)
+    labels = rng.random(N) < 0.6
+    return np.where(labels, rng.normal(2.0, 0.5, N), rng.normal(5.0, 1.0, N))
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    coords = {"component": ["a", "b"], "obs": np.arange(N)}
+    with pm.Model(coords=coords) as model:
+        w = pm.Dirichlet("w", a=np.ones(2), dims="component")
+        mu = pm.Normal("mu", 0, 10, dims="component")
+        sigma = pm.HalfNormal("sigma", 5, dims="component")
+        z = pm.Categorical("z", p=w, dims="obs")
+        pm.Normal("x", mu=mu[z], sigma=sigma[z], observed=data, dims="obs")
+        pm.Deterministic("gap", mu[1] - mu[0])
+    return model
+
+
+def snapshot(model):
+    """What a fit must not change: variables, values, initial values, the logp graph."""
+    return (
+        list(model.named_vars),
+        {rv.name: value.name for rv, value in model.rvs_to_values.items()},
+        dict(model.rvs_to_initial_values),
+        pytensor.printing.debugprint(model.logp(), file="str"),
+    )
+
+
+@pytest.fixture(scope="module")
+def fitted(model):
+    before = snapshot(model)
+    start = {"mu": np.array([1.0, 6.0])}
+    with model:
+        idata = pm_em.find_MAP(initvals=start, random_seed=1, progressbar=False)
+    return before, idata
+
+
+def test_posterior_layout_follows_model(model, fitted):
+    _, idata = fitted
+    post = idata.posterior
+    assert post["mu"].dims == ("chain", "draw", "component")
+    assert list(post["component"].values) == ["a", "b"]
+    assert post["z"].dims == ("chain", "draw", "obs")
+    assert post["lp_z"].dims == ("chain", "draw", "obs", "lp_z_dim")
+    np.testing.assert_array_equal(post["lp_z_dim"].values, [0, 1])
+    np.testing.assert_allclose(np.exp(post["lp_z"]).sum("lp_z_dim"), 1.0, atol=1e-12)
+    # z is the most probable value of each element.
+    np.testing.assert_array_equal(post["z"].values, post["lp_z"].values.argmax(-1))
+    np.testing.assert_allclose(post["gap"], post["mu"][..., 1] - post["mu"][..., 0])
+    assert idata.log_likelihood["x"].dims == ("chain", "draw", "obs")
+    assert idata.observed_data["x"].dims == ("obs",)
+
+
+def test_em_stats_monotone_and_converged(fitted):
+    _, idata = fitted
+    stats = idata.em_stats
+    logp = stats["logp"].values
+    assert bool(stats["converged"])
+    assert int(stats["n_iter"]) == len(logp) - 1
+    assert stats.attrs["tol"] == 1e-8 and stats.attrs["max_iter"] == 1000
+    assert np.all(np.diff(logp) >= -1e-9 * np.abs(logp[:-1]))
+
+
+def test_map_is_a_stationary_point_of_em(model, fitted):
+    _, idata = fitted
+    em = pm_em.api._routine(model, None, None)
+    point = {name: idata.posterior[name].values[0, 0] for name in ("w", "mu", "sigma")}
+    after = em.m_step(point, em.e_step(point))
+    for name, value in point.items():
+        np.testing.assert_allclose(after[name], value, rtol=1e-4)
+    np.testing.assert_allclose(em.logp(point), idata.em_stats["logp"].values[-1], rtol=1e-12)
+
+
+def test_compiled_routine_is_reused(model, fitted):
+    first = pm_em.api._routine(model, None, None)
+    with model:
+        pm_em.find_MAP(random_seed=2, progressbar=False, max_iter=3, tol=1e-3)
+    assert pm_em.api._routine(model, None, None) is first
+
+
+def test_initvals_are_checked(model):
+    with pytest.raises(ValueError, match=r"initvals\['mu'\] contains NaN"):
+        pm_em.find_MAP(model, initvals={"mu": np.array([np.nan, 1.0])}, progressbar=False)
+    with pytest.raises(ValueError, match=r"initvals\['z'\]: it is a latent"):
+        pm_em.find_MAP(model, initvals={"z": np.zeros(N)}, progressbar=False)
+
+
+def test_max_iter_warns(model):
+    with pytest.warns(pm_em.EMConvergenceWarning, match="did not converge in 2 iterations"):
+        idata = pm_em.find_MAP(model, max_iter=2, random_seed=0, progressbar=False)
+    assert not bool(idata.em_stats["converged"])
+
+
+def test_model_untouched_and_still_samples(model, fitted):
+    before, _ = fitted
+    assert snapshot(model) == before
+    with model, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trace = pm.sample(
+            draws=20,
+            tune=20,
+            chains=1,
+            random_seed=1,
+            progressbar=False,
+            compute_convergence_checks=False,
+        )
+    assert set(trace.posterior.data_vars) == {"w", "mu", "sigma", "z", "gap"}
