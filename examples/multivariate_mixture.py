@@ -23,7 +23,7 @@ TRUE_COV = np.array(
 )
 
 
-def simulate_data(n=600, seed=1010):
+def simulate_data(n=300, seed=1010):
     """``n`` points from the three-component mixture, shape (n, 2)."""
     rng = np.random.default_rng(seed)
     z = rng.choice(3, size=n, p=TRUE_W)
