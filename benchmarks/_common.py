@@ -253,6 +253,11 @@ def use_fresh_compiledir() -> str:
     return compiledir
 
 
+def progress(message: str) -> None:
+    """Say on stderr what is being timed, so that a long run shows where it is."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def count_compiled_modules() -> tuple[str, int]:
     """Count the compiled C modules in PyTensor's on-disk cache.
 
@@ -425,6 +430,7 @@ def run_numpy(problem: Problem, settings: Settings) -> MethodResult:
     def fit():
         return numpy_em(problem, settings.peer_tol, settings.max_iter)
 
+    progress("numpy: timing fits")
     times, (params, n_iter, converged, history) = time_repeated(fit, settings.repeats)
     params = problem.canonical(params)
     n = problem.x.shape[0]
@@ -485,6 +491,7 @@ def run_sklearn(
     def fit():
         return GaussianMixture(**options).fit(X)
 
+    progress("sklearn: timing fits")
     times, fitted = time_repeated(fit, settings.repeats)
     params = problem.canonical(to_params(fitted))
     extra: dict[str, Any] = {}
@@ -538,6 +545,7 @@ def run_pm_em(
     setup_s = warm_up_pytensor()
     model = build_model()
     compiledir, modules_before = count_compiled_modules()
+    progress("pm_em: building the EM routine")
     start = time.perf_counter()
     pm_em.EM(model)
     compile_s = time.perf_counter() - start
@@ -553,8 +561,10 @@ def run_pm_em(
             progressbar=False,
         )
 
+    progress(f"pm_em: EM() took {compile_s:.1f} s; first find_MAP")
     (first_fit_s,), _ = time_repeated(fit, 1)
     _, modules_after_fit = count_compiled_modules()
+    progress(f"pm_em: first find_MAP took {first_fit_s:.1f} s; warm fits")
     warm_times, idata = time_repeated(fit, settings.repeats)
 
     stats = idata.em_stats

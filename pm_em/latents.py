@@ -21,6 +21,20 @@ from pytensor.tensor.random.basic import (
     BetaBinomialRV,
     BinomialRV,
     CategoricalRV,
+    GeometricRV,
+    HyperGeometricRV,
+    NegBinomialRV,
+    PoissonRV,
+)
+
+# Count distributions: a truncation without a lower bound still starts at 0 for them.
+_NONNEGATIVE_OPS = (
+    PoissonRV,
+    NegBinomialRV,
+    GeometricRV,
+    BinomialRV,
+    BetaBinomialRV,
+    HyperGeometricRV,
 )
 
 __all__ = ["InfiniteSupportError", "LatentSpec", "is_discrete", "support_bounds"]
@@ -128,4 +142,6 @@ def _truncated_bounds(op, node):
     # TruncatedRV's inputs end with (lower, upper); infinite bounds are caught when
     # the bounds are evaluated.
     *_, lower, upper = node.inputs
+    if isinstance(op.base_rv_op, _NONNEGATIVE_OPS):
+        lower = pt.maximum(lower, 0)
     return lower, upper

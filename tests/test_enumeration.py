@@ -105,12 +105,22 @@ def binomial_latent_model():
     return model
 
 
+def truncated_poisson_model():
+    # An infinite-support count made finite by truncation (lower bound from Poisson).
+    with pm.Model() as model:
+        rate = pm.Gamma("rate", 2, 1)
+        k = pm.Truncated("k", pm.Poisson.dist(rate), upper=4, shape=2)
+        pm.Normal("y", mu=k, sigma=0.7, observed=np.array([1.2, 3.5]))
+    return model
+
+
 MODELS = {
     "mixture": mixture_model,
     "repeated_measures": repeated_measures_model,
     "chained_latents": chained_latents_model,
     "global_latent": global_latent_model,
     "binomial_latent": binomial_latent_model,
+    "truncated_poisson": truncated_poisson_model,
 }
 
 
