@@ -122,3 +122,23 @@ def test_model_untouched_and_still_samples(model, fitted):
             compute_convergence_checks=False,
         )
     assert set(trace.posterior.data_vars) == {"w", "mu", "sigma", "z", "gap"}
+
+
+def test_model_without_latents_is_plain_map():
+    # Normal mean with a Normal(0, 10) prior: the MAP is sum(y) / (n + 1/100).
+    y = np.array([1.0, 2.0, 3.0])
+    with pm.Model() as model:
+        mu = pm.Normal("mu", 0, 10)
+        pm.Normal("y", mu, 1, observed=y)
+    idata = pm_em.find_MAP(model, progressbar=False)
+    np.testing.assert_allclose(idata.posterior["mu"].item(), y.sum() / (3 + 0.01), rtol=1e-9)
+
+
+def test_latent_without_dependents_keeps_its_prior():
+    with pm.Model() as model:
+        mu = pm.Normal("mu", 0, 10)
+        pm.Bernoulli("z", 0.3, shape=2)
+        pm.Normal("y", mu, 1, observed=np.array([1.0, 2.0, 3.0]))
+    idata = pm_em.find_MAP(model, progressbar=False)
+    np.testing.assert_allclose(np.exp(idata.posterior["lp_z"].values[0, 0]), [[0.7, 0.3]] * 2)
+    np.testing.assert_array_equal(idata.posterior["z"].values[0, 0], [0, 0])
