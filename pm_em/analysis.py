@@ -151,7 +151,6 @@ class ModelStructure:
     terms: list[Term]
     components: list[Component]
     n_observations: int
-    initial_point: dict[str, np.ndarray]
 
     @property
     def latent_free_terms(self) -> list[Term]:
@@ -197,7 +196,6 @@ def analyze_model(model: pm.Model, latent_vars: list[str] | None = None) -> Mode
         terms=terms,
         components=components,
         n_observations=max(n_obs, 1),
-        initial_point=point,
     )
 
 
@@ -298,9 +296,6 @@ def _param_specs(model, latent_rvs, point) -> list[ParamSpec]:
     for rv in model.free_RVs:
         if rv in latent_rvs:
             continue
-        if is_discrete(rv):
-            # Only reachable with explicit latent_vars, which _select_latents checked.
-            raise UnsupportedModelError(f"'{rv.name}' is discrete and not a latent.")
         value = model.rvs_to_values[rv]
         specs.append(
             ParamSpec(
