@@ -26,6 +26,7 @@ from pytensor.graph.basic import Variable
 from pytensor.graph.replace import vectorize_graph
 
 from pm_em.analysis import Component, ElementGroup, ModelStructure
+from pm_em.errors import UnsupportedModelError
 from pm_em.latents import LatentSpec
 
 __all__ = [
@@ -90,6 +91,19 @@ class ComponentPosterior:
     log_resp: dict[str, Variable]
 
 
+def _vectorize(terms: list, replace: dict, names: list[str]) -> list[Variable]:
+    """``vectorize_graph`` over the configurations, with PyTensor's gaps reported as
+    an unsupported model rather than a bare traceback."""
+    try:
+        return vectorize_graph(terms, replace=replace)
+    except NotImplementedError as err:
+        raise UnsupportedModelError(
+            f"PyTensor cannot enumerate the latent(s) {names} through an op of this model "
+            f"({err}). Index parameters with the latent alone (write beta[z], not "
+            "beta[z, :]), or marginalize the latent by hand."
+        ) from err
+
+
 def _config_values(latents: list[LatentSpec], repeat: int, tile: int) -> list[np.ndarray]:
     """Support value of each latent at each joint configuration.
 
@@ -147,7 +161,7 @@ def _group_table(group: ElementGroup, globals_: list[LatentSpec], n_global: int)
         replace[lat.value] = _batched_value(lat, values)
     n_configs = n_global * n_group
     terms = [t.logp for t, _ in group.terms]
-    batched = vectorize_graph(terms, replace=replace)
+    batched = _vectorize(terms, replace, [lat.name for lat in globals_ + group.latents])
     element_total = pt.zeros((n_configs, group.n_elements))
     unowned_total = pt.zeros((n_configs,))
     batched = [
@@ -173,7 +187,11 @@ def build_tables(component: Component) -> ComponentTables:
             lat.value: _batched_value(lat, values)
             for lat, values in zip(component.globals, _config_values(component.globals, 1, 1))
         }
-        batched = vectorize_graph([t.logp for t in component.global_terms], replace=replace)
+        batched = _vectorize(
+            [t.logp for t in component.global_terms],
+            replace,
+            [lat.name for lat in component.globals],
+        )
         for term, term_batched in zip(component.global_terms, batched):
             term_batched = pt.broadcast_to(term_batched, (n_global, *term.logp.shape))
             global_term_tables.append(term_batched)

@@ -64,6 +64,15 @@ def crossed_latents():
     return model
 
 
+def sliced_parameter_index():
+    # beta[z, :] is an AdvancedSubtensor with a slice, which vectorize_graph cannot batch.
+    with pm.Model() as model:
+        beta = pm.Normal("beta", 0, 2, shape=(2, 2))
+        z = pm.Bernoulli("z", np.float64(0.4), shape=3)
+        pm.Normal("y", beta[z, :].sum(-1), 1.0, observed=np.zeros(3))
+    return model
+
+
 CASES = {
     "infinite_support": (poisson_latent, r"'k' \(PoissonRV\) has infinite support.*Truncate"),
     "sum_of_latent": (summed_latent, r"'y' combines several elements of the latent 'z'"),
@@ -72,6 +81,10 @@ CASES = {
     "parameter_support": (parameter_dependent_support, r"support of latent 'k' depends"),
     "misaligned_sizes": (misaligned_latents, r"different numbers of elements"),
     "crossed_elements": (crossed_latents, r"links element .* of '(z1|z2)'.*aligned one"),
+    "sliced_index": (
+        sliced_parameter_index,
+        r"cannot enumerate the latent\(s\) \['z'\].*beta\[z\]",
+    ),
 }
 
 
