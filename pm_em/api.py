@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 
 import arviz as az
 import numpy as np
 import pymc as pm
 
-from pm_em.em import EM
+from pm_em.em import EM, cached_routine
 from pm_em.inference_data import build_inference_data
 from pm_em.loop import run_em
 from pm_em.progress import progress_reporter
 
 __all__ = ["find_MAP"]
-
-# Compiled routines per model, so that repeated fits (restarts, other starts) do not
-# recompile. Keyed weakly: the cache goes with the model.
-_ROUTINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _routine(model: pm.Model, latent_vars, compile_kwargs) -> EM:
-    key = (
-        tuple(latent_vars) if latent_vars is not None else None,
-        repr(sorted((compile_kwargs or {}).items())),
-        tuple(model.named_vars),
-    )
-    per_model = _ROUTINES.setdefault(model, {})
-    if key not in per_model:
-        per_model[key] = EM(model, latent_vars=latent_vars, compile_kwargs=compile_kwargs)
-    return per_model[key]
 
 
 def _check_options(tol, max_iter) -> None:
@@ -131,7 +114,7 @@ def find_MAP(
     """
     model = pm.modelcontext(model)
     _check_options(tol, max_iter)
-    em = _routine(model, latent_vars, compile_kwargs)
+    em = cached_routine(model, latent_vars, compile_kwargs)
     start = em.to_values(_start(em, initvals, random_seed))
     with progress_reporter(progressbar, max_iter) as progress:
         state, history = run_em(em, start, tol=tol, max_iter=max_iter, progress=progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,7 +17,31 @@ from pm_em.loop import EMHistory, EMState
 from pm_em.mstep import join_flat, split_flat
 from pm_em.pointwise import pointwise_loglik
 
-__all__ = ["EM", "FitResult", "LogResponsibilities"]
+__all__ = ["EM", "FitResult", "LogResponsibilities", "cached_routine"]
+
+# Compiled routines per model, shared by every EM object and find_MAP call, so that
+# repeated fits (restarts, other starts) never recompile. Keyed weakly: the cache
+# goes with the model.
+_ROUTINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _routine_key(model, latent_vars, compile_kwargs) -> tuple:
+    return (
+        tuple(latent_vars) if latent_vars is not None else None,
+        repr(sorted((compile_kwargs or {}).items())),
+        tuple(model.named_vars),
+    )
+
+
+def cached_routine(model, latent_vars=None, compile_kwargs=None) -> EM:
+    """The model's compiled EM routine: the one already built (by :class:`EM` or a
+    previous fit) for these options, or a new one."""
+    key = _routine_key(model, latent_vars, compile_kwargs)
+    routine = _ROUTINES.get(model, {}).get(key)
+    if routine is None:
+        routine = EM(model, latent_vars=latent_vars, compile_kwargs=compile_kwargs)
+    return routine
+
 
 # The M-step's inner optimizer must be far more precise than the EM tolerance, or EM
 # stalls on the optimizer's noise instead of converging.
@@ -64,9 +89,13 @@ class LogResponsibilities(dict):
     to :meth:`EM.m_step` is exact.
     """
 
-    def __init__(self, marginals, joint):
+    def __init__(self, marginals, joint, closed_form=None, at_values=None):
         super().__init__(marginals)
         self.joint = joint
+        # The closed-form M-step blocks, computed in the same call as the E-step, and
+        # the parameter values of that call (they hold for that point only).
+        self.closed_form = closed_form
+        self.at_values = at_values
 
 
 @dataclass
@@ -97,6 +126,10 @@ class EM:
         Names of the latents to enumerate; by default every discrete free variable.
     compile_kwargs : dict, optional
         Passed to :func:`pytensor.function`.
+    closed_form : bool, default True
+        Update in closed form every parameter whose pattern is recognized (see
+        :attr:`closed_form_params`); False sends all to the numeric M-step (slower,
+        for checking).
 
     Raises
     ------
@@ -111,10 +144,10 @@ class EM:
     ...     point = em.m_step(point, em.e_step(point))
     """
 
-    def __init__(self, model=None, *, latent_vars=None, compile_kwargs=None):
+    def __init__(self, model=None, *, latent_vars=None, compile_kwargs=None, closed_form=True):
         self.model = pm.modelcontext(model)
         self.structure = analyze_model(self.model, latent_vars)
-        self.graphs = graphs = build_em_graphs(self.structure)
+        self.graphs = graphs = build_em_graphs(self.structure, closed_form=closed_form)
         self.params = self.structure.params
         self.latents = self.structure.latents
 
@@ -125,20 +158,38 @@ class EM:
         self._marginal_names = [n for post in graphs.posteriors for n in post.log_resp]
         marginals = [post.log_resp[n] for post in graphs.posteriors for n in post.log_resp]
         self._n_joint = len(posterior_outputs)
+        self._n_marginals = len(marginals)
+        # One call per EM iteration: the E-step and every closed-form block.
         self._e_step_fn = compile_function(
-            graphs.values, [graphs.logp, *posterior_outputs, *marginals], compile_kwargs
-        )
-        self._objective_fn = compile_function(
-            [graphs.theta_flat, *graphs.responsibilities.flat],
-            [graphs.objective, graphs.gradient],
+            graphs.values,
+            [graphs.logp, *posterior_outputs, *marginals, *graphs.closed_step],
             compile_kwargs,
         )
+        names = [p.name for p in self.params]
+        self._closed_index = [names.index(p.name) for p in graphs.closed_params]
+        self._numeric_index = [names.index(p.name) for p in graphs.numeric_params]
+        self._objective_fn = None
+        if graphs.numeric_params:
+            self._objective_fn = compile_function(
+                [
+                    graphs.theta_flat,
+                    *(p.value for p in graphs.closed_params),
+                    *graphs.responsibilities.flat,
+                ],
+                [graphs.objective, graphs.gradient],
+                compile_kwargs,
+            )
+        self._closed_form_fn = None
         self._constrained_fn = compile_function(graphs.values, graphs.constrained, compile_kwargs)
         self._unconstrained_fn = compile_function(
             graphs.constrained_inputs, graphs.unconstrained, compile_kwargs
         )
         self._compile_kwargs = compile_kwargs
         self._result_fn = None
+        if closed_form:
+            _ROUTINES.setdefault(self.model, {})[
+                _routine_key(self.model, latent_vars, compile_kwargs)
+            ] = self
 
     # -- conversions -----------------------------------------------------------------
 
@@ -197,11 +248,21 @@ class EM:
         """
         return self._e_step_values(self.to_values(point))[1]
 
+    @property
+    def closed_form_params(self) -> list[str]:
+        """Names of the parameters the M-step updates in closed form (the others are
+        maximized numerically, given those)."""
+        return [p.name for p in self.graphs.closed_params]
+
     def _e_step_values(self, values):
         logp, *rest = self._e_step_fn(*values)
         joint = [np.asarray(a) for a in rest[: self._n_joint]]
-        marginals = dict(zip(self._marginal_names, (np.asarray(a) for a in rest[self._n_joint :])))
-        return float(logp), LogResponsibilities(marginals, joint)
+        end = self._n_joint + self._n_marginals
+        marginals = dict(
+            zip(self._marginal_names, (np.asarray(a) for a in rest[self._n_joint : end]))
+        )
+        closed = [np.asarray(a) for a in rest[end:]]
+        return float(logp), LogResponsibilities(marginals, joint, closed, values)
 
     def m_step(self, point: Mapping[str, np.ndarray], log_resp) -> dict[str, np.ndarray]:
         """The next point: the maximizer of the expected complete-data log-posterior.
@@ -215,11 +276,16 @@ class EM:
             latent is enumerated on its own.
         """
         values = self.to_values(point)
-        return self.to_point(self._m_step_values(values, self._joint_tables(log_resp)))
+        if not isinstance(log_resp, LogResponsibilities):
+            log_resp = LogResponsibilities(log_resp, self._joint_tables(log_resp))
+        elif log_resp.at_values is None or not all(
+            np.array_equal(a, b) for a, b in zip(values, log_resp.at_values)
+        ):
+            # Its closed-form blocks belong to the point of its E-step, not this one.
+            log_resp = LogResponsibilities(log_resp, log_resp.joint)
+        return self.to_point(self._m_step_values(values, log_resp))
 
     def _joint_tables(self, log_resp) -> list[np.ndarray]:
-        if isinstance(log_resp, LogResponsibilities):
-            return log_resp.joint
         tables = []
         for comp in self.structure.components:
             if comp.globals and comp.groups or len(comp.latents) > 1:
@@ -237,14 +303,38 @@ class EM:
                 tables.append(resp.reshape(lat.size, lat.n_support).T[None])
         return tables
 
-    def _m_step_values(self, values, joint_tables):
-        if not self.params:
-            return values
-        start = join_flat(self.params, {p.value.name: v for p, v in zip(self.params, values)})
+    def _closed_form_values(self, values, joint_tables) -> list[np.ndarray]:
+        if not self._closed_index:
+            return []
+        if self._closed_form_fn is None:
+            graphs = self.graphs
+            self._closed_form_fn = compile_function(
+                [*graphs.values, *graphs.responsibilities.flat],
+                [v for update in graphs.closed_form for v in update.new_values],
+                self._compile_kwargs,
+            )
+        return [np.asarray(v) for v in self._closed_form_fn(*values, *joint_tables)]
+
+    def _m_step_values(self, values, log_resp: LogResponsibilities):
+        """ECM: the closed-form blocks (from the fused E-step call when it was made at
+        ``values``), then the numeric block given them."""
+        new = list(values)
+        closed = log_resp.closed_form
+        if closed is None:
+            closed = self._closed_form_values(values, log_resp.joint)
+        for index, value in zip(self._closed_index, closed):
+            new[index] = value
+        if not self._numeric_index:
+            return new
+        numeric = self.graphs.numeric_params
+        start = join_flat(
+            numeric, {p.value.name: new[i] for p, i in zip(numeric, self._numeric_index)}
+        )
         scale = 1.0 / self.structure.n_observations
+        fixed = [new[i] for i in self._closed_index] + list(log_resp.joint)
 
         def negative(theta):
-            q, grad = self._objective_fn(theta, *joint_tables)
+            q, grad = self._objective_fn(theta, *fixed)
             return -scale * float(q), -scale * np.asarray(grad)
 
         q_start, _ = negative(start)
@@ -253,9 +343,11 @@ class EM:
         )
         # A generalized EM step only needs Q not to decrease; never accept worse.
         if not np.isfinite(result.fun) or result.fun > q_start:
-            return values
-        new = split_flat(self.params, _polish(negative, result.x))
-        return [new[p.value.name] for p in self.params]
+            return new
+        solved = split_flat(numeric, _polish(negative, result.x))
+        for p, i in zip(numeric, self._numeric_index):
+            new[i] = solved[p.value.name]
+        return new
 
     def logp(self, point: Mapping[str, np.ndarray]) -> float:
         """Observed-data log-posterior at ``point``: latents summed out, priors

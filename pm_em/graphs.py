@@ -12,7 +12,8 @@ import pytensor.tensor as pt
 from pytensor.graph.basic import Variable
 from pytensor.graph.replace import graph_replace
 
-from pm_em.analysis import ModelStructure
+from pm_em.analysis import ModelStructure, ParamSpec
+from pm_em.closed_form import ClosedFormUpdate, closed_form_updates
 from pm_em.enumeration import (
     ComponentPosterior,
     ComponentTables,
@@ -39,10 +40,18 @@ class EMGraphs:
     tables : list of ComponentTables
     responsibilities : ResponsibilityInputs
         Inputs of the M-step objective.
+    closed_form : list of ClosedFormUpdate
+        The closed-form blocks of the M-step, in ECM order; their new values are
+        graphs of ``values`` and the responsibility inputs.
+    closed_params, numeric_params : list of ParamSpec
+        The parameters updated in closed form, and the rest.
+    closed_step : list of Variable
+        The closed-form new values as graphs of ``values`` alone (E-step fused in).
     theta_flat : Variable
-        Flat vector of all parameter values (input of the objective).
+        Flat vector of the numeric parameters' values (input of the objective).
     objective, gradient : Variable
-        Q and dQ/dtheta as graphs of ``theta_flat`` and the responsibilities.
+        Q and dQ/dtheta as graphs of ``theta_flat``, the closed-form parameters'
+        value variables and the responsibilities.
     constrained : list of Variable
         Each parameter on its constrained space, as a graph of ``values``.
     constrained_inputs : list of Variable
@@ -58,6 +67,10 @@ class EMGraphs:
     posteriors: list[ComponentPosterior]
     tables: list[ComponentTables]
     responsibilities: ResponsibilityInputs
+    closed_form: list[ClosedFormUpdate]
+    closed_params: list[ParamSpec]
+    numeric_params: list[ParamSpec]
+    closed_step: list[Variable]
     theta_flat: Variable
     objective: Variable
     gradient: Variable
@@ -67,8 +80,9 @@ class EMGraphs:
     deterministics: list[Variable]
 
 
-def build_em_graphs(structure: ModelStructure) -> EMGraphs:
-    """Build every graph an EM routine for ``structure`` needs."""
+def build_em_graphs(structure: ModelStructure, closed_form: bool = True) -> EMGraphs:
+    """Build every graph an EM routine for ``structure`` needs; with
+    ``closed_form=False`` every parameter goes to the numeric M-step."""
     model = structure.model
     tables = [build_tables(comp) for comp in structure.components]
     posteriors = [
@@ -81,8 +95,27 @@ def build_em_graphs(structure: ModelStructure) -> EMGraphs:
 
     responsibilities = ResponsibilityInputs.for_structure(structure)
     expected = build_expected_logp(structure, tables, responsibilities, latent_free)
-    theta_flat, (flat_expected,) = flatten_params(structure.params, [expected])
-    if structure.params:
+
+    if closed_form:
+        closed_form = closed_form_updates(
+            structure, responsibilities.log_q_global, responsibilities.log_w_groups
+        )
+    else:
+        closed_form = []
+    closed_params = [p for update in closed_form for p in update.params]
+    closed_names = {p.name for p in closed_params}
+    numeric_params = [p for p in structure.params if p.name not in closed_names]
+    closed_new = [v for update in closed_form for v in update.new_values]
+    # The fused step: the same updates with the E-step's own results substituted.
+    fused = {}
+    for c, post in enumerate(posteriors):
+        fused[responsibilities.log_q_global[c]] = post.log_q_global
+        for placeholder, log_w in zip(responsibilities.log_w_groups[c], post.log_w_groups):
+            fused[placeholder] = log_w
+    closed_step = graph_replace(closed_new, fused, strict=False) if closed_new else []
+
+    theta_flat, (flat_expected,) = flatten_params(numeric_params, [expected])
+    if numeric_params:
         gradient = pytensor.grad(flat_expected, theta_flat)
     else:
         gradient = pt.zeros((0,))
@@ -105,6 +138,10 @@ def build_em_graphs(structure: ModelStructure) -> EMGraphs:
         posteriors=posteriors,
         tables=tables,
         responsibilities=responsibilities,
+        closed_form=closed_form,
+        closed_params=closed_params,
+        numeric_params=numeric_params,
+        closed_step=closed_step,
         theta_flat=theta_flat,
         objective=flat_expected,
         gradient=gradient,

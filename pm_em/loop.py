@@ -74,7 +74,7 @@ def run_em(em, values, *, tol, max_iter, progress=None) -> tuple[EMState, EMHist
     if not np.isfinite(logp):
         return state, history
     for iteration in range(1, max_iter + 1):
-        new_values = em._m_step_values(state.values, state.log_resp.joint)
+        new_values = em._m_step_values(state.values, state.log_resp)
         logp, log_resp = em._e_step_values(new_values)
         previous = state.logp
         state = EMState(new_values, logp, log_resp)

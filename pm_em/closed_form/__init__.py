@@ -1,0 +1,59 @@
+"""Closed-form M-step updates recognized in the model's graph.
+
+Each family lives in its own module and contributes *rules*: functions
+``rule(ctx, param) -> ClosedFormUpdate | None`` that return nothing when their pattern
+does not hold exactly, leaving the parameter to the numeric M-step. Rules run in the
+order of :data:`RULES`, each given the values its predecessors just computed (ECM:
+every block is maximized given the latest values of the others, which keeps EM's
+monotone guarantee); weights come first, then locations, then scales.
+"""
+
+from __future__ import annotations
+
+from pm_em.analysis import ModelStructure
+from pm_em.closed_form.base import ClosedFormContext, ClosedFormUpdate
+from pm_em.closed_form.counts import binomial_probability, exponential_rate, poisson_rate
+from pm_em.closed_form.normal import normal_location, normal_scale
+from pm_em.closed_form.weights import categorical_weights
+
+__all__ = ["RULES", "ClosedFormUpdate", "closed_form_updates"]
+
+#: The registry, in ECM order.
+RULES = [
+    categorical_weights,
+    binomial_probability,
+    normal_location,
+    normal_scale,
+    poisson_rate,
+    exponential_rate,
+]
+
+
+def closed_form_updates(
+    structure: ModelStructure, log_q_global, log_w_groups
+) -> list[ClosedFormUpdate]:
+    """Every closed-form block of the M-step, in ECM order.
+
+    Parameters
+    ----------
+    structure : ModelStructure
+    log_q_global, log_w_groups : list
+        The E-step's results per component, as graphs or input placeholders.
+
+    Returns
+    -------
+    list of ClosedFormUpdate
+        Their ``new_values`` are graphs of the parameters' value variables and of
+        ``log_q_global`` / ``log_w_groups``.
+    """
+    ctx = ClosedFormContext(structure, log_q_global, log_w_groups)
+    updates = []
+    for rule in RULES:
+        for param in structure.params:
+            if param.name in ctx.claimed:
+                continue
+            update = rule(ctx, param)
+            if update is not None:
+                updates.append(update)
+                ctx.claimed.update(p.name for p in update.params)
+    return updates

@@ -1,0 +1,343 @@
+"""What every closed-form rule needs: where a parameter is used, the responsibilities
+of each term's entries, graphs evaluated at the current point of the M-step, and a
+test that an expression merely *selects* elements of parameters.
+
+The M-step is run as ECM: blocks of parameters are maximized one after another, each
+given the latest values of the others. :class:`ClosedFormContext` tracks those latest
+values (:attr:`ClosedFormContext.current`) as graphs, so that every update is a graph
+of the value variables (where the E-step was computed) and the responsibilities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytensor.tensor as pt
+from pytensor.graph.basic import Variable
+from pytensor.graph.replace import graph_replace, vectorize_graph
+from pytensor.graph.traversal import ancestors
+
+from pm_em.analysis import ModelStructure, ParamSpec, Term
+from pm_em.compile import evaluate_once
+from pm_em.latents import LatentSpec
+
+__all__ = ["ClosedFormContext", "ClosedFormUpdate", "Selection", "TermEntries"]
+
+# Two independent random draws must both be reproduced exactly by a selection.
+_SELECTION_TRIALS = 2
+
+
+@dataclass(frozen=True)
+class ClosedFormUpdate:
+    """The exact maximizer of Q over a block of parameters, given the others.
+
+    Attributes
+    ----------
+    params : list of ParamSpec
+        The block.
+    new_values : list of Variable
+        Each parameter's new value on its value (unconstrained) space.
+    family : str
+        Which rule produced it (for reports and tests).
+    """
+
+    params: list[ParamSpec]
+    new_values: list[Variable]
+    family: str
+
+
+@dataclass
+class TermEntries:
+    """A log-probability term seen entry by entry under each latent configuration.
+
+    Attributes
+    ----------
+    term : Term
+    rv : Variable
+        The model variable whose log-probability the term is.
+    weights : Variable
+        Responsibilities ``(K, J)``: the posterior probability of configuration ``k``
+        for entry ``j`` (``K = 1`` for a term free of latents).
+    latent : LatentSpec or None
+        The single latent the term depends on.
+    batch_shape : tuple of int
+        Shape of the term (its entries, ``J = prod(batch_shape)``).
+    """
+
+    term: Term
+    rv: Variable
+    weights: Variable
+    latent: LatentSpec | None
+    batch_shape: tuple[int, ...]
+
+    @property
+    def n_configs(self) -> int:
+        return 1 if self.latent is None else self.latent.n_support
+
+    @property
+    def n_entries(self) -> int:
+        return int(np.prod(self.batch_shape, dtype=int))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """An expression that picks elements of some parameters (and constants).
+
+    Attributes
+    ----------
+    ids : np.ndarray
+        ``(K, J, *core)``: flat index into the concatenated parameters of the element
+        each entry equals, or -1 where the entry is a constant.
+    constants : np.ndarray
+        Same shape: the constant's value where ``ids == -1``.
+    params : list of ParamSpec
+    """
+
+    ids: np.ndarray
+    constants: np.ndarray
+    params: list[ParamSpec]
+
+    def per_config(self) -> np.ndarray | None:
+        """``ids`` without the entry axis when every entry picks the same elements
+        under a configuration (``mu[z]``, a shared ``sigma``), else None."""
+        if (self.ids == self.ids[:, :1]).all():
+            return self.ids[:, 0]
+        return None
+
+
+class ClosedFormContext:
+    """Shared state of the closed-form rules while the M-step graph is built.
+
+    Parameters
+    ----------
+    structure : ModelStructure
+    log_q_global, log_w_groups : list
+        Per component, the E-step's results as graphs (or input placeholders):
+        ``log q(g)`` ``(Kg,)`` and per element group ``log W`` ``(Kg, Ke, n)``.
+    """
+
+    def __init__(self, structure: ModelStructure, log_q_global, log_w_groups):
+        self.structure = structure
+        self.model = structure.model
+        self.params = {p.name: p for p in structure.params}
+        #: Param name -> its latest value (value space) as a graph.
+        self.current: dict[str, Variable] = {p.name: p.value for p in structure.params}
+        self.claimed: set[str] = set()
+        self._terms = {t.name: t for t in structure.terms}
+        self._placement = {}
+        for c, comp in enumerate(structure.components):
+            for t in comp.global_terms:
+                self._placement[t.name] = (c, None, None)
+            for j, group in enumerate(comp.groups):
+                for t, owner in group.terms:
+                    self._placement[t.name] = (c, j, owner)
+        self._log_q = log_q_global
+        self._log_w = log_w_groups
+        self._users = {
+            p.name: [
+                t for t in structure.terms if t.name != p.name and p.value in ancestors([t.logp])
+            ]
+            for p in structure.params
+        }
+
+    # -- where parameters are used -----------------------------------------------
+
+    def users(self, param: ParamSpec) -> list[Term]:
+        """Terms other than ``param``'s own prior whose log-probability involves it."""
+        return self._users[param.name]
+
+    def rv_of(self, term: Term) -> Variable:
+        return self.model[term.name]
+
+    def param_of(self, var: Variable) -> ParamSpec | None:
+        """The parameter whose random variable ``var`` is, if any."""
+        for p in self.structure.params:
+            if p.rv is var:
+                return p
+        return None
+
+    def entries(self, term: Term) -> TermEntries | None:
+        """The term's entries with their responsibilities, or None when the term's
+        latents are not enumerated on their own (joint latents, globals mixed with
+        element latents, entries free of the latent)."""
+        rv = self.rv_of(term)
+        if not term.latents:
+            shape = tuple(int(s) for s in self._shape_of(term))
+            size = int(np.prod(shape, dtype=int))
+            return TermEntries(term, rv, pt.ones((1, size)), None, shape)
+        c, j, owner = self._placement[term.name]
+        comp = self.structure.components[c]
+        if len(comp.latents) != 1:
+            return None
+        (latent,) = comp.latents
+        if j is None:
+            shape = tuple(int(s) for s in self._shape_of(term))
+            size = int(np.prod(shape, dtype=int))
+            weights = pt.broadcast_to(pt.exp(self._log_q[c])[:, None], (latent.n_support, size))
+            return TermEntries(term, rv, weights, latent, shape)
+        if (owner < 0).any():
+            return None
+        weights = pt.exp(self._log_w[c][j][0])  # (K, n): no globals in this component
+        flat_owner = owner.ravel()
+        if not (flat_owner.size == latent.size and (flat_owner == np.arange(latent.size)).all()):
+            weights = weights[:, pt.constant(flat_owner)]
+        return TermEntries(term, rv, weights, latent, owner.shape)
+
+    def _shape_of(self, term: Term) -> tuple:
+        # Latent-free and global terms: their shape, evaluated once.
+        if not hasattr(self, "_shapes"):
+            self._shapes = {}
+        if term.name not in self._shapes:
+            point = self.model.initial_point()
+            inputs = self.model.value_vars
+            (shape,) = evaluate_once(inputs, [term.logp.shape], [point[v.name] for v in inputs])
+            self._shapes[term.name] = tuple(int(s) for s in shape)
+        return self._shapes[term.name]
+
+    # -- graphs at the current point ---------------------------------------------
+
+    def evaluate(self, expr: Variable) -> Variable:
+        """``expr`` (a graph of model variables) at the current point: parameters at
+        their latest values, observed variables at their data, latents at their
+        value variables."""
+        (graph,) = self.model.replace_rvs_by_values([expr])
+        replace = {
+            p.value: self.current[p.name]
+            for p in self.structure.params
+            if self.current[p.name] is not p.value
+        }
+        return graph_replace(graph, replace, strict=False) if replace else graph
+
+    def constrained(self, param: ParamSpec) -> Variable:
+        """A parameter's latest value on its constrained space."""
+        return self.evaluate(param.rv)
+
+    def table(self, expr: Variable, entries: TermEntries, core_shape=()) -> Variable:
+        """``expr`` at the current point per configuration and entry:
+        ``(K or 1, J, *core_shape)``."""
+        graph = self.evaluate(expr)
+        latent = entries.latent
+        if latent is not None and latent.value in ancestors([graph]):
+            graph = vectorize_graph(graph, replace={latent.value: _support_stack(latent)})
+            leading = latent.n_support
+        else:
+            graph = graph[None]
+            leading = 1
+        full = (leading, *entries.batch_shape, *core_shape)
+        return pt.broadcast_to(graph, full).reshape((leading, entries.n_entries, *core_shape))
+
+    def value_table(self, entries: TermEntries, core_shape=()) -> Variable:
+        """The term's variable per configuration and entry: its data when observed,
+        the support values when it is the latent, the latest value for a parameter."""
+        return self.table(entries.rv, entries, core_shape)
+
+    def set_value(self, param: ParamSpec, constrained_value: Variable) -> Variable:
+        """Record a block's new value (given on the constrained space); returns it on
+        the value space."""
+        value = constrained_value.reshape(param.shape).astype(param.rv.type.dtype)
+        if param.transform is not None:
+            args = [self.evaluate(a) for a in param.rv.owner.inputs]
+            value = param.transform.forward(value, *args)
+        value = pt.as_tensor_variable(value).astype(param.value.type.dtype)
+        self.current[param.name] = value
+        return value
+
+    # -- structural tests ---------------------------------------------------------
+
+    def constant(self, expr: Variable) -> np.ndarray | None:
+        """The value of ``expr`` when it depends on no free variable, else None."""
+        (graph,) = self.model.replace_rvs_by_values([expr])
+        free = {v for v in self.model.value_vars}
+        if free & set(ancestors([graph])):
+            return None
+        (value,) = evaluate_once([], [graph], [])
+        return np.asarray(value, dtype=float)
+
+    def selection(
+        self, expr: Variable, params: list[ParamSpec], entries: TermEntries, core_shape=()
+    ) -> Selection | None:
+        """Whether ``expr`` only picks elements of ``params`` (and constants) for each
+        configuration and entry; its index table if so.
+
+        Tested by evaluating it with the parameters replaced by distinct codes and by
+        random values: a selection reproduces them exactly (sums, scalings and other
+        transformations do not).
+        """
+        holders = {p.rv: p.rv.type(f"{p.name}_probe") for p in params}
+        graph = graph_replace(expr, holders, strict=False)
+        (graph,) = self.model.replace_rvs_by_values([graph])
+        latent = entries.latent
+        allowed = {latent.value} if latent is not None else set()
+        if ({v for v in self.model.value_vars} - allowed) & set(ancestors([graph])):
+            return None
+        if latent is not None and latent.value in ancestors([graph]):
+            graph = vectorize_graph(graph, replace={latent.value: _support_stack(latent)})
+        else:
+            graph = graph[None]
+        # Always one row per configuration: the ids are paired with the weights.
+        leading = entries.n_configs
+        full = (leading, *entries.batch_shape, *core_shape)
+        graph = pt.broadcast_to(graph, full).reshape((leading, entries.n_entries, *core_shape))
+        sizes = [int(np.prod(p.shape, dtype=int)) for p in params]
+        total = sum(sizes)
+        rng = np.random.default_rng(20081)
+        probes = [np.zeros(total), np.arange(1.0, total + 1.0)]
+        probes += [rng.normal(size=total) for _ in range(_SELECTION_TRIALS)]
+        outputs = []
+        for probe in probes:
+            split = np.split(probe, np.cumsum(sizes)[:-1])
+            outputs.append(
+                graph_replace(
+                    graph,
+                    {
+                        holders[p.rv]: pt.constant(v.reshape(p.shape).astype(p.rv.type.dtype))
+                        for p, v in zip(params, split)
+                    },
+                    strict=False,
+                )
+            )
+        try:
+            values = [np.asarray(v, dtype=float) for v in evaluate_once([], outputs, [])]
+        except Exception:  # noqa: BLE001 - any failure means "not a selection"
+            return None
+        constants, coded = values[0], values[1] - values[0]
+        ids = np.rint(coded).astype(np.int64) - 1
+        if not np.allclose(coded, ids + 1, atol=1e-9) or (ids < -1).any() or (ids >= total).any():
+            return None
+        for probe, value in zip(probes[2:], values[2:]):
+            expected = np.where(ids >= 0, probe[np.maximum(ids, 0)], constants)
+            if not np.allclose(value, expected, rtol=1e-12, atol=1e-12):
+                return None
+        return Selection(ids=ids, constants=constants, params=list(params))
+
+
+def _support_stack(latent: LatentSpec) -> Variable:
+    """The latent's value once per support value, ``(K, *latent.shape)``."""
+    column = pt.constant(latent.support.astype(latent.value.type.dtype))
+    column = column.reshape((latent.n_support,) + (1,) * len(latent.shape))
+    return pt.broadcast_to(column, (latent.n_support, *latent.shape))
+
+
+def scatter_sum(values: Variable, ids: np.ndarray, size: int) -> Variable:
+    """Sum ``values`` ``(K, J, ...)`` into ``size`` bins by ``ids`` (same leading
+    shape; -1 entries are dropped).
+
+    When every entry of a configuration has the same id (the usual ``mu[z]``), the
+    entries are summed first, so that the scatter is over ``K`` values only.
+    """
+    if (ids == ids[:, :1]).all():
+        summed = values.sum(axis=1)
+        config_ids = ids[:, 0].ravel()
+        keep = np.flatnonzero(config_ids >= 0)
+        flat_summed = pt.broadcast_to(summed, ids[:, 0].shape).ravel()
+        return pt.inc_subtensor(pt.zeros((size,))[pt.constant(config_ids[keep])], flat_summed[keep])
+    flat_ids = ids.ravel()
+    keep = np.flatnonzero(flat_ids >= 0)
+    flat_values = pt.broadcast_to(values, ids.shape).ravel()[keep]
+    return pt.inc_subtensor(pt.zeros((size,))[pt.constant(flat_ids[keep])], flat_values)
+
+
+def finite(x: Variable) -> Variable:
+    """Elementwise: neither NaN nor infinite."""
+    return ~pt.isnan(x) & ~pt.isinf(x)
