@@ -84,6 +84,9 @@ class Term:
         Latent name -> integer array shaped like ``logp``: flat index of the
         latent's element each entry depends on (-1: none). Only for latents of
         size > 1.
+    shape : tuple of int
+        Shape of ``logp`` (evaluated once: the symbolic shape may refer to the
+        latents' values, which enumeration replaces).
     """
 
     name: str
@@ -91,6 +94,7 @@ class Term:
     kind: str
     latents: set[str] = field(default_factory=set)
     owners: dict[str, np.ndarray] = field(default_factory=dict)
+    shape: tuple[int, ...] = ()
 
 
 @dataclass
@@ -354,8 +358,12 @@ def _attach_dependence(model, terms, latents, point) -> None:
             outputs.append(graphs.owners[t.logp])
             outputs += [c.ok for c in checks]
             unpack.append((t, latent, checks))
+    outputs += [t.logp.shape for t in terms]
     inputs = model.value_vars
     values = evaluate_once(inputs, outputs, [point[v.name] for v in inputs])
+    for t, shape in zip(terms, values[len(values) - len(terms) :]):
+        t.shape = tuple(int(s) for s in shape)
+    values = values[: len(values) - len(terms)]
     position = 0
     for t, latent, checks in unpack:
         owner = np.asarray(values[position])

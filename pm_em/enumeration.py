@@ -193,7 +193,7 @@ def build_tables(component: Component) -> ComponentTables:
             [lat.name for lat in component.globals],
         )
         for term, term_batched in zip(component.global_terms, batched):
-            term_batched = pt.broadcast_to(term_batched, (n_global, *term.logp.shape))
+            term_batched = pt.broadcast_to(term_batched, (n_global, *term.shape))
             global_term_tables.append(term_batched)
             global_table = global_table + term_batched.reshape((n_global, -1)).sum(axis=1)
     group_tables, group_term_tables = [], []

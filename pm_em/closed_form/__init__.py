@@ -13,7 +13,7 @@ from __future__ import annotations
 from pm_em.analysis import ModelStructure
 from pm_em.closed_form.base import ClosedFormContext, ClosedFormUpdate
 from pm_em.closed_form.counts import binomial_probability, exponential_rate, poisson_rate
-from pm_em.closed_form.normal import normal_location, normal_scale
+from pm_em.closed_form.normal import normal_location, normal_precision, normal_scale
 from pm_em.closed_form.weights import categorical_weights
 
 __all__ = ["RULES", "ClosedFormUpdate", "closed_form_updates"]
@@ -24,6 +24,7 @@ RULES = [
     binomial_probability,
     normal_location,
     normal_scale,
+    normal_precision,
     poisson_rate,
     exponential_rate,
 ]

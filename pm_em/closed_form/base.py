@@ -163,7 +163,7 @@ class ClosedFormContext:
         element latents, entries free of the latent)."""
         rv = self.rv_of(term)
         if not term.latents:
-            shape = tuple(int(s) for s in self._shape_of(term))
+            shape = term.shape
             size = int(np.prod(shape, dtype=int))
             return TermEntries(term, rv, pt.ones((1, size)), None, shape)
         c, j, owner = self._placement[term.name]
@@ -172,7 +172,7 @@ class ClosedFormContext:
             return None
         (latent,) = comp.latents
         if j is None:
-            shape = tuple(int(s) for s in self._shape_of(term))
+            shape = term.shape
             size = int(np.prod(shape, dtype=int))
             weights = pt.broadcast_to(pt.exp(self._log_q[c])[:, None], (latent.n_support, size))
             return TermEntries(term, rv, weights, latent, shape)
@@ -183,17 +183,6 @@ class ClosedFormContext:
         if not (flat_owner.size == latent.size and (flat_owner == np.arange(latent.size)).all()):
             weights = weights[:, pt.constant(flat_owner)]
         return TermEntries(term, rv, weights, latent, owner.shape)
-
-    def _shape_of(self, term: Term) -> tuple:
-        # Latent-free and global terms: their shape, evaluated once.
-        if not hasattr(self, "_shapes"):
-            self._shapes = {}
-        if term.name not in self._shapes:
-            point = self.model.initial_point()
-            inputs = self.model.value_vars
-            (shape,) = evaluate_once(inputs, [term.logp.shape], [point[v.name] for v in inputs])
-            self._shapes[term.name] = tuple(int(s) for s in shape)
-        return self._shapes[term.name]
 
     # -- graphs at the current point ---------------------------------------------
 
@@ -255,14 +244,21 @@ class ClosedFormContext:
         return np.asarray(value, dtype=float)
 
     def selection(
-        self, expr: Variable, params: list[ParamSpec], entries: TermEntries, core_shape=()
+        self,
+        expr: Variable,
+        params: list[ParamSpec],
+        entries: TermEntries,
+        core_shape=(),
+        positive: bool = False,
     ) -> Selection | None:
         """Whether ``expr`` only picks elements of ``params`` (and constants) for each
         configuration and entry; its index table if so.
 
         Tested by evaluating it with the parameters replaced by distinct codes and by
         random values: a selection reproduces them exactly (sums, scalings and other
-        transformations do not).
+        transformations do not). With ``positive=True`` the random values are
+        positive, for expressions that are selections on a positive domain only
+        (``(|tau| ** -0.5) ** -2`` is ``tau`` for ``tau > 0``).
         """
         holders = {p.rv: p.rv.type(f"{p.name}_probe") for p in params}
         graph = graph_replace(expr, holders, strict=False)
@@ -282,8 +278,14 @@ class ClosedFormContext:
         sizes = [int(np.prod(p.shape, dtype=int)) for p in params]
         total = sum(sizes)
         rng = np.random.default_rng(20081)
-        probes = [np.zeros(total), np.arange(1.0, total + 1.0)]
-        probes += [rng.normal(size=total) for _ in range(_SELECTION_TRIALS)]
+        # Two codings one apart tell parameter entries (which follow the code) from
+        # constants (which do not); random draws then check nothing else happens.
+        codes = np.arange(1.0, total + 1.0)
+        draws = [
+            rng.uniform(0.5, 2.0, size=total) if positive else rng.normal(size=total)
+            for _ in range(_SELECTION_TRIALS)
+        ]
+        probes = [codes, codes + 1.0, *draws]
         outputs = []
         for probe in probes:
             split = np.split(probe, np.cumsum(sizes)[:-1])
@@ -301,9 +303,16 @@ class ClosedFormContext:
             values = [np.asarray(v, dtype=float) for v in evaluate_once([], outputs, [])]
         except Exception:  # noqa: BLE001 - any failure means "not a selection"
             return None
-        constants, coded = values[0], values[1] - values[0]
-        ids = np.rint(coded).astype(np.int64) - 1
-        if not np.allclose(coded, ids + 1, atol=1e-9) or (ids < -1).any() or (ids >= total).any():
+        coded, shifted = values[0], values[1]
+        step = shifted - coded
+        is_param = np.isclose(step, 1.0, rtol=0, atol=1e-9)
+        if not (is_param | np.isclose(step, 0.0, rtol=0, atol=1e-9)).all():
+            return None
+        ids = np.where(is_param, np.rint(coded).astype(np.int64) - 1, -1)
+        constants = np.where(is_param, 0.0, coded)
+        if not np.allclose(coded[is_param], ids[is_param] + 1, rtol=0, atol=1e-9):
+            return None
+        if (ids >= total).any() or (ids[is_param] < 0).any():
             return None
         for probe, value in zip(probes[2:], values[2:]):
             expected = np.where(ids >= 0, probe[np.maximum(ids, 0)], constants)

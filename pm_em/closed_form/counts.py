@@ -22,30 +22,10 @@ import pytensor.tensor as pt
 from pytensor.graph.traversal import ancestors
 from pytensor.tensor.random.basic import BernoulliRV, BinomialRV, ExponentialRV, PoissonRV
 
-from pm_em.closed_form._priors import prior_constants, prior_family
+from pm_em.closed_form._priors import prior_constants, prior_family, rate_prior
 from pm_em.closed_form.base import ClosedFormUpdate, finite, scatter_sum
 
 __all__ = ["binomial_probability", "exponential_rate", "poisson_rate"]
-
-
-def _rate_prior(ctx, param):
-    """``(a, b)`` of a Gamma-type prior on a positive rate, or None."""
-    family = prior_family(param)
-    if family == "halfflat":
-        size = param.value_size
-        return np.ones(size), np.zeros(size)
-    if family == "gamma":
-        constants = prior_constants(ctx, param, 2)
-        if constants is None:
-            return None
-        alpha, scale = constants
-        return alpha, 1.0 / scale
-    if family == "exponential":
-        constants = prior_constants(ctx, param, 1)
-        if constants is None:
-            return None
-        return np.ones(param.value_size), 1.0 / constants[0]
-    return None
 
 
 def _uses(ctx, param, op_type, position, transform=None):
@@ -82,7 +62,7 @@ def _keep_valid(ctx, param, new, upper=None):
 
 def poisson_rate(ctx, param) -> ClosedFormUpdate | None:
     """Closed-form update of a Poisson rate (flat, Gamma or Exponential prior)."""
-    prior = _rate_prior(ctx, param)
+    prior = rate_prior(ctx, param)
     if prior is None or (prior[0] < 1).any():
         return None
     uses = _uses(ctx, param, PoissonRV, 0)
@@ -100,7 +80,7 @@ def poisson_rate(ctx, param) -> ClosedFormUpdate | None:
 
 def exponential_rate(ctx, param) -> ClosedFormUpdate | None:
     """Closed-form update of an Exponential rate, ``Exponential(lam=rate[z])``."""
-    prior = _rate_prior(ctx, param)
+    prior = rate_prior(ctx, param)
     if prior is None or (prior[0] < 1).any():
         return None
     # PyMC stores the scale, 1 / lam: the rate is its reciprocal.

@@ -9,7 +9,13 @@ Given the responsibilities ``R[k, j]`` of entry ``j`` under configuration ``k``:
 * scale ``sigma_m``, from ``N = sum R`` and ``S = sum R (x - mu)^2``: ``sqrt(S / N)``
   under a flat prior; under ``HalfNormal(s)`` the root of
   ``sigma^4 / s^2 + N sigma^2 - S = 0``; under ``InverseGamma(a, b)`` the root of
-  ``(N + a + 1) sigma^2 - b sigma - S = 0``.
+  ``(N + a + 1) sigma^2 - b sigma - S = 0``; under ``HalfCauchy(b)`` the positive
+  root of ``(N + 2) v^2 - (S - N b^2) v - S b^2 = 0`` in ``v = sigma^2``; under
+  ``Exponential(lam)`` the positive root of ``lam sigma^3 + N sigma^2 - S = 0``
+  (Newton's method from an upper bound: the cubic is convex there, so the iterates
+  decrease monotonically to the root);
+* precision ``tau_m`` (``Normal(mu, tau=tau[z])``): ``(N / 2 + a - 1) / (S / 2 + b)``
+  under ``Gamma(a, b)`` (flat: ``a = 1, b = 0``).
 """
 
 from __future__ import annotations
@@ -18,15 +24,16 @@ import pytensor.tensor as pt
 from pytensor.graph.traversal import ancestors
 from pytensor.tensor.random.basic import NormalRV
 
-from pm_em.closed_form._priors import prior_constants, prior_family
+from pm_em.closed_form._priors import prior_constants, prior_family, rate_prior
 from pm_em.closed_form.base import ClosedFormUpdate, finite, scatter_sum
 
-__all__ = ["normal_location", "normal_scale"]
+__all__ = ["normal_location", "normal_precision", "normal_scale"]
 
 
-def _normal_uses(ctx, param, position: int):
+def _normal_uses(ctx, param, position: int, precision: bool = False):
     """Each Normal term using ``param`` in argument ``position`` (0: location,
-    1: scale) as a selection, and nowhere else; None if any use is different."""
+    1: scale; with ``precision``, the scale's inverse square) as a selection, and
+    nowhere else; None if any use is different."""
     uses = []
     for term in ctx.users(param):
         rv = ctx.rv_of(term)
@@ -38,7 +45,10 @@ def _normal_uses(ctx, param, position: int):
         entries = ctx.entries(term)
         if entries is None:
             return None
-        selection = ctx.selection(args[position], [param], entries)
+        if precision:
+            selection = ctx.selection(args[1] ** -2, [param], entries, positive=True)
+        else:
+            selection = ctx.selection(args[position], [param], entries)
         if selection is None:
             return None
         uses.append((entries, args, selection))
@@ -87,18 +97,20 @@ def normal_scale(ctx, param) -> ClosedFormUpdate | None:
         prior = prior_constants(ctx, param, 2)
         if prior is None:
             return None
+    elif family == "halfcauchy":
+        prior = prior_constants(ctx, param, 1)
+        if prior is None:
+            return None
+    elif family == "exponential":
+        prior = prior_constants(ctx, param, 1)
+        if prior is None:
+            return None
     else:
         return None
     uses = _normal_uses(ctx, param, 1)
     if uses is None:
         return None
-    size = int(param.value_size)
-    count = pt.zeros((size,))
-    squares = pt.zeros((size,))
-    for entries, (location, _), selection in uses:
-        residual = ctx.value_table(entries) - ctx.table(location, entries)
-        count += scatter_sum(entries.weights, selection.ids, size)
-        squares += scatter_sum(entries.weights * residual**2, selection.ids, size)
+    count, squares = _residual_sums(ctx, uses, int(param.value_size))
     if family == "halfflat":
         new = pt.sqrt(squares / count)
     elif family == "halfnormal":
@@ -106,10 +118,68 @@ def normal_scale(ctx, param) -> ClosedFormUpdate | None:
         # Root of v^2 / s^2 + N v - S = 0 in v = sigma^2, in the cancellation-free form.
         variance = 2 * squares / (count + pt.sqrt(count**2 + 4 * squares / prior_scale**2))
         new = pt.sqrt(variance)
-    else:
+    elif family == "invgamma":
         alpha, beta = pt.constant(prior[0]), pt.constant(prior[1])
         lead = count + alpha + 1
         new = (beta + pt.sqrt(beta**2 + 4 * lead * squares)) / (2 * lead)
+    elif family == "halfcauchy":
+        beta2 = pt.constant(prior[0]) ** 2
+        middle = squares - count * beta2
+        lead = count + 2
+        # The product of the roots is negative: exactly one is positive.
+        variance = (middle + pt.sqrt(middle**2 + 4 * lead * squares * beta2)) / (2 * lead)
+        new = pt.sqrt(variance)
+    else:
+        new = _exponential_prior_scale(pt.constant(1.0 / prior[0]), count, squares)
     current = ctx.constrained(param).ravel()
     new = pt.switch(finite(new) & (new > 0), new, current)
     return ClosedFormUpdate([param], [ctx.set_value(param, new)], "normal scale")
+
+
+def _residual_sums(ctx, uses, size):
+    """Expected count and sum of squared residuals per parameter element."""
+    count = pt.zeros((size,))
+    squares = pt.zeros((size,))
+    for entries, (location, _), selection in uses:
+        residual = ctx.value_table(entries) - ctx.table(location, entries)
+        count += scatter_sum(entries.weights, selection.ids, size)
+        squares += scatter_sum(entries.weights * residual**2, selection.ids, size)
+    return count, squares
+
+
+def normal_precision(ctx, param) -> ClosedFormUpdate | None:
+    """Closed-form update of a Normal precision (flat, Gamma or Exponential prior)."""
+    prior = rate_prior(ctx, param)
+    if prior is None or (prior[0] < 1).any():
+        return None
+    uses = _normal_uses(ctx, param, 1, precision=True)
+    if uses is None:
+        return None
+    count, squares = _residual_sums(ctx, uses, int(param.value_size))
+    alpha, beta = (pt.constant(v) for v in prior)
+    new = (count / 2 + alpha - 1) / (squares / 2 + beta)
+    current = ctx.constrained(param).ravel()
+    new = pt.switch(finite(new) & (new > 0), new, current)
+    return ClosedFormUpdate([param], [ctx.set_value(param, new)], "normal precision")
+
+
+_NEWTON_STEPS = 60
+
+
+def _exponential_prior_scale(rate, count, squares):
+    """Positive root of ``rate s^3 + count s^2 - squares = 0``.
+
+    Both ``sqrt(squares / count)`` and ``cbrt(squares / rate)`` bound the root from
+    above; from there Newton's iterates on this convex, increasing cubic decrease
+    monotonically and converge (at worst by a constant factor per step far away,
+    quadratically near the root).
+    """
+    bound = pt.minimum(
+        pt.sqrt(squares / pt.maximum(count, 1e-300)), (squares / rate) ** (1.0 / 3.0)
+    )
+    scale = bound
+    for _ in range(_NEWTON_STEPS):
+        value = rate * scale**3 + count * scale**2 - squares
+        slope = 3 * rate * scale**2 + 2 * count * scale
+        scale = pt.switch(slope > 0, scale - value / slope, scale)
+    return scale
