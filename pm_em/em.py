@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pymc as pm
+from pytensor.graph.traversal import ancestors
 from scipy import optimize
 
 from pm_em.analysis import analyze_model
@@ -89,12 +90,14 @@ class LogResponsibilities(dict):
     to :meth:`EM.m_step` is exact.
     """
 
-    def __init__(self, marginals, joint, closed_form=None, at_values=None):
+    def __init__(self, marginals, joint, closed_form=None, stats=None, at_values=None):
         super().__init__(marginals)
         self.joint = joint
-        # The closed-form M-step blocks, computed in the same call as the E-step, and
-        # the parameter values of that call (they hold for that point only).
+        # The closed-form M-step blocks and the numeric block's statistics, computed
+        # in the same call as the E-step, and the parameter values of that call
+        # (they hold for that point only).
         self.closed_form = closed_form
+        self.stats = stats
         self.at_values = at_values
 
 
@@ -162,7 +165,7 @@ class EM:
         # One call per EM iteration: the E-step and every closed-form block.
         self._e_step_fn = compile_function(
             graphs.values,
-            [graphs.logp, *posterior_outputs, *marginals, *graphs.closed_step],
+            [graphs.logp, *posterior_outputs, *marginals, *graphs.closed_step, *graphs.stats_step],
             compile_kwargs,
         )
         names = [p.name for p in self.params]
@@ -170,16 +173,21 @@ class EM:
         self._numeric_index = [names.index(p.name) for p in graphs.numeric_params]
         self._objective_fn = None
         if graphs.numeric_params:
+            outputs = [graphs.objective, graphs.gradient]
+            fixed = [
+                *(p.value for p in graphs.closed_params),
+                *graphs.responsibilities.flat,
+                *graphs.numeric.stat_inputs,
+            ]
+            # Inputs the objective does not read (the responsibilities, once every
+            # term is on statistics) are not passed: PyTensor checks each input.
+            used = set(ancestors(outputs))
+            self._objective_uses = [v in used for v in fixed]
             self._objective_fn = compile_function(
-                [
-                    graphs.theta_flat,
-                    *(p.value for p in graphs.closed_params),
-                    *graphs.responsibilities.flat,
-                ],
-                [graphs.objective, graphs.gradient],
-                compile_kwargs,
+                [graphs.theta_flat, *(v for v in fixed if v in used)], outputs, compile_kwargs
             )
         self._closed_form_fn = None
+        self._stats_fn = None
         self._constrained_fn = compile_function(graphs.values, graphs.constrained, compile_kwargs)
         self._unconstrained_fn = compile_function(
             graphs.constrained_inputs, graphs.unconstrained, compile_kwargs
@@ -261,8 +269,10 @@ class EM:
         marginals = dict(
             zip(self._marginal_names, (np.asarray(a) for a in rest[self._n_joint : end]))
         )
-        closed = [np.asarray(a) for a in rest[end:]]
-        return float(logp), LogResponsibilities(marginals, joint, closed, values)
+        n_closed = len(self.graphs.closed_step)
+        closed = [np.asarray(a) for a in rest[end : end + n_closed]]
+        stats = [np.asarray(a) for a in rest[end + n_closed :]]
+        return float(logp), LogResponsibilities(marginals, joint, closed, stats, values)
 
     def m_step(self, point: Mapping[str, np.ndarray], log_resp) -> dict[str, np.ndarray]:
         """The next point: the maximizer of the expected complete-data log-posterior.
@@ -315,6 +325,23 @@ class EM:
             )
         return [np.asarray(v) for v in self._closed_form_fn(*values, *joint_tables)]
 
+    def _stats_values(self, values, joint_tables) -> list[np.ndarray]:
+        if not self.graphs.numeric.stats:
+            return []
+        if self._stats_fn is None:
+            graphs = self.graphs
+            self._stats_fn = compile_function(
+                [*graphs.values, *graphs.responsibilities.flat],
+                graphs.numeric.stats,
+                self._compile_kwargs,
+            )
+        return [np.asarray(v) for v in self._stats_fn(*values, *joint_tables)]
+
+    def _objective(self, theta, closed, joint, stats):
+        """Q of the numeric block and its gradient at ``theta`` (its flat values)."""
+        fixed = [*closed, *joint, *stats]
+        return self._objective_fn(theta, *(v for v, u in zip(fixed, self._objective_uses) if u))
+
     def _m_step_values(self, values, log_resp: LogResponsibilities):
         """ECM: the closed-form blocks (from the fused E-step call when it was made at
         ``values``), then the numeric block given them."""
@@ -331,10 +358,13 @@ class EM:
             numeric, {p.value.name: new[i] for p, i in zip(numeric, self._numeric_index)}
         )
         scale = 1.0 / self.structure.n_observations
-        fixed = [new[i] for i in self._closed_index] + list(log_resp.joint)
+        stats = log_resp.stats
+        if stats is None:
+            stats = self._stats_values(values, log_resp.joint)
+        closed = [new[i] for i in self._closed_index]
 
         def negative(theta):
-            q, grad = self._objective_fn(theta, *fixed)
+            q, grad = self._objective(theta, closed, log_resp.joint, stats)
             return -scale * float(q), -scale * np.asarray(grad)
 
         q_start, _ = negative(start)

@@ -21,7 +21,8 @@ from pm_em.enumeration import (
     latent_free_logp,
     posterior_from_tables,
 )
-from pm_em.mstep import ResponsibilityInputs, build_expected_logp, flatten_params
+from pm_em.expected_stats import NumericObjective, build_numeric_objective
+from pm_em.mstep import ResponsibilityInputs, flatten_params
 
 __all__ = ["EMGraphs", "build_em_graphs"]
 
@@ -47,11 +48,17 @@ class EMGraphs:
         The parameters updated in closed form, and the rest.
     closed_step : list of Variable
         The closed-form new values as graphs of ``values`` alone (E-step fused in).
+    numeric : NumericObjective
+        The numeric block's objective, on expected sufficient statistics where a
+        term allows it.
+    stats_step : list of Variable
+        Those statistics as graphs of ``values`` alone (E-step fused in).
     theta_flat : Variable
         Flat vector of the numeric parameters' values (input of the objective).
     objective, gradient : Variable
-        Q and dQ/dtheta as graphs of ``theta_flat``, the closed-form parameters'
-        value variables and the responsibilities.
+        Q (up to terms constant in the numeric parameters) and dQ/dtheta as graphs
+        of ``theta_flat``, the closed-form parameters' value variables, the
+        responsibilities and the statistics.
     constrained : list of Variable
         Each parameter on its constrained space, as a graph of ``values``.
     constrained_inputs : list of Variable
@@ -71,6 +78,8 @@ class EMGraphs:
     closed_params: list[ParamSpec]
     numeric_params: list[ParamSpec]
     closed_step: list[Variable]
+    numeric: NumericObjective
+    stats_step: list[Variable]
     theta_flat: Variable
     objective: Variable
     gradient: Variable
@@ -94,8 +103,6 @@ def build_em_graphs(structure: ModelStructure, closed_form: bool = True) -> EMGr
         logp = logp + post.log_marginal
 
     responsibilities = ResponsibilityInputs.for_structure(structure)
-    expected = build_expected_logp(structure, tables, responsibilities, latent_free)
-
     if closed_form:
         closed_form = closed_form_updates(
             structure, responsibilities.log_q_global, responsibilities.log_w_groups
@@ -114,7 +121,9 @@ def build_em_graphs(structure: ModelStructure, closed_form: bool = True) -> EMGr
             fused[placeholder] = log_w
     closed_step = graph_replace(closed_new, fused, strict=False) if closed_new else []
 
-    theta_flat, (flat_expected,) = flatten_params(numeric_params, [expected])
+    numeric = build_numeric_objective(structure, tables, responsibilities, numeric_params)
+    stats_step = graph_replace(numeric.stats, fused, strict=False) if numeric.stats else []
+    theta_flat, (flat_expected,) = flatten_params(numeric_params, [numeric.objective])
     if numeric_params:
         gradient = pytensor.grad(flat_expected, theta_flat)
     else:
@@ -142,6 +151,8 @@ def build_em_graphs(structure: ModelStructure, closed_form: bool = True) -> EMGr
         closed_params=closed_params,
         numeric_params=numeric_params,
         closed_step=closed_step,
+        numeric=numeric,
+        stats_step=stats_step,
         theta_flat=theta_flat,
         objective=flat_expected,
         gradient=gradient,

@@ -1,20 +1,14 @@
-"""The M-step, built symbolically: the expected complete-data log-posterior and its
-gradient on the unconstrained space, plus the registry of closed-form updates.
+"""Pieces of the M-step graphs: the E-step's results as inputs, expectations over
+them, and the flat parameter vector of the numeric optimizer.
 
 ``Q(theta) = sum_g q(g) B_theta[g] + sum_{g,k,i} W[g,k,i] A_theta[g,k,i]
 + log p(theta) + (terms free of latents)``, no Jacobian: the mode is in the model's
-own parameterization, as ``pm.find_MAP`` gives it.
-
-Closed-form updates are pluggable: a rule in :data:`CLOSED_FORM_RULES` looks at a
-parameter and returns a :class:`ClosedFormUpdate` (a graph for its maximizer given
-the responsibilities and the other parameters), or ``None`` when its pattern does
-not hold; the parameters no rule claims are optimized numerically (ECM: each block
-maximized given the others, which keeps EM's monotone guarantee).
+own parameterization, as ``pm.find_MAP`` gives it. The closed-form blocks are in
+:mod:`pm_em.closed_form`, the numeric block's objective in :mod:`pm_em.expected_stats`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,28 +17,12 @@ from pytensor.graph.basic import Variable
 from pytensor.graph.replace import graph_replace
 
 from pm_em.analysis import ModelStructure, ParamSpec
-from pm_em.enumeration import ComponentTables
 
 __all__ = [
-    "CLOSED_FORM_RULES",
-    "ClosedFormUpdate",
     "ResponsibilityInputs",
-    "build_expected_logp",
+    "expectation",
     "flatten_params",
 ]
-
-
-@dataclass(frozen=True)
-class ClosedFormUpdate:
-    """A parameter's exact maximizer of Q, as a graph of the current value variables
-    and the responsibility inputs, on the parameter's value (unconstrained) space."""
-
-    param: ParamSpec
-    new_value: Variable
-
-
-#: Rules ``(structure, param, responsibilities) -> ClosedFormUpdate | None``.
-CLOSED_FORM_RULES: list[Callable] = []
 
 
 @dataclass
@@ -80,26 +58,11 @@ class ResponsibilityInputs:
         return self.log_q_global + [w for ws in self.log_w_groups for w in ws]
 
 
-def _weighted(log_weight: Variable, table: Variable) -> Variable:
+def expectation(log_weight: Variable, table: Variable) -> Variable:
+    """``sum(exp(log_weight) * table)``, with zero-weight entries adding 0."""
     # Zero-probability configurations may have a -inf log-joint: they contribute 0.
     weight = pt.exp(log_weight)
     return pt.switch(weight > 0, weight * table, 0.0).sum()
-
-
-def build_expected_logp(
-    structure: ModelStructure,
-    tables: list[ComponentTables],
-    responsibilities: ResponsibilityInputs,
-    latent_free: Variable,
-) -> Variable:
-    """Q: the expected complete-data log-posterior, a graph of the value variables and
-    the responsibility inputs."""
-    total = latent_free
-    for c, table in enumerate(tables):
-        total = total + _weighted(responsibilities.log_q_global[c], table.global_table)
-        for log_w, group_table in zip(responsibilities.log_w_groups[c], table.group_tables):
-            total = total + _weighted(log_w, group_table)
-    return total
 
 
 def flatten_params(params: list[ParamSpec], graphs: list[Variable]) -> tuple[Variable, list]:

@@ -274,7 +274,11 @@ class ClosedFormContext:
         # Always one row per configuration: the ids are paired with the weights.
         leading = entries.n_configs
         full = (leading, *entries.batch_shape, *core_shape)
-        graph = pt.broadcast_to(graph, full).reshape((leading, entries.n_entries, *core_shape))
+        try:
+            graph = pt.broadcast_to(graph, full)
+        except ValueError:  # static shapes that cannot broadcast: not this pattern
+            return None
+        graph = graph.reshape((leading, entries.n_entries, *core_shape))
         sizes = [int(np.prod(p.shape, dtype=int)) for p in params]
         total = sum(sizes)
         rng = np.random.default_rng(20081)
