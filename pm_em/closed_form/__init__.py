@@ -13,6 +13,7 @@ from __future__ import annotations
 from pm_em.analysis import ModelStructure
 from pm_em.closed_form.base import ClosedFormContext, ClosedFormUpdate
 from pm_em.closed_form.counts import binomial_probability, exponential_rate, poisson_rate
+from pm_em.closed_form.mvnormal import mvnormal_covariance, mvnormal_mean
 from pm_em.closed_form.normal import normal_location, normal_precision, normal_scale
 from pm_em.closed_form.weights import categorical_weights
 
@@ -25,6 +26,8 @@ RULES = [
     normal_location,
     normal_scale,
     normal_precision,
+    mvnormal_mean,
+    mvnormal_covariance,
     poisson_rate,
     exponential_rate,
 ]

@@ -214,7 +214,9 @@ class ClosedFormContext:
             graph = graph[None]
             leading = 1
         full = (leading, *entries.batch_shape, *core_shape)
-        return pt.broadcast_to(graph, full).reshape((leading, entries.n_entries, *core_shape))
+        graph = pt.broadcast_to(graph, full).reshape((leading, entries.n_entries, *core_shape))
+        # Python float literals can be float32 constants: compute in float64.
+        return graph.astype("float64") if graph.dtype == "float32" else graph
 
     def value_table(self, entries: TermEntries, core_shape=()) -> Variable:
         """The term's variable per configuration and entry: its data when observed,
@@ -281,6 +283,8 @@ class ClosedFormContext:
         graph = graph.reshape((leading, entries.n_entries, *core_shape))
         sizes = [int(np.prod(p.shape, dtype=int)) for p in params]
         total = sum(sizes)
+        if total == 0:
+            return None
         rng = np.random.default_rng(20081)
         # Two codings one apart tell parameter entries (which follow the code) from
         # constants (which do not); random draws then check nothing else happens.

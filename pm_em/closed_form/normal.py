@@ -73,7 +73,7 @@ def normal_location(ctx, param) -> ClosedFormUpdate | None:
         denominator += scatter_sum(weighted, selection.ids, size)
     if family == "normal":
         (prior_mu, prior_sigma) = [
-            pt.broadcast_to(ctx.evaluate(a), param.shape).ravel()
+            pt.broadcast_to(ctx.evaluate(a), param.shape).ravel().astype("float64")
             for a in param.rv.owner.inputs[2:4]
         ]
         numerator += prior_mu / prior_sigma**2
