@@ -5,9 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytensor
+from pytensor.compile.mode import Mode
 from pytensor.graph.basic import Variable
 
 __all__ = ["compile_function", "evaluate_once"]
+
+# Graphs evaluated once at build time: pure Python thunks, so that no C code is
+# generated and compiled for them (the first C compilation of an op costs seconds).
+_ONCE = Mode(linker="py", optimizer="fast_compile")
 
 
 def compile_function(
@@ -34,7 +39,5 @@ def evaluate_once(
     """Evaluate small analysis graphs a single time (cheap to compile, not to run)."""
     if not outputs:
         return []
-    fn = pytensor.function(
-        list(inputs), list(outputs), on_unused_input="ignore", mode="FAST_COMPILE"
-    )
+    fn = pytensor.function(list(inputs), list(outputs), on_unused_input="ignore", mode=_ONCE)
     return fn(*values)

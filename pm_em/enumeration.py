@@ -14,6 +14,14 @@ Then, with ``m[g, i] = logsumexp_k A[g, k, i]`` and ``L[g] = B[g] + sum_i m[g, i
 the component's log marginal is ``logsumexp_g L[g]``, the posterior of the globals is
 ``log q(g) = L[g] - logsumexp L``, and the joint posterior of element ``i`` is
 ``log W[g, k, i] = log q(g) + A[g, k, i] - m[g, i]``. All in log space.
+
+Each term is vectorized with the latents it allows replaced by broadcastable
+stand-ins of shape ``(C, 1, ..., 1)`` (:mod:`pm_em.collapse`), so that what depends
+on the latents' values only (``mu[z]``, the Cholesky factor of ``cov[z]``) is
+computed once per configuration rather than once per element and configuration;
+the other latents get their full batch ``(C, *shape)``. Batched vector solves
+against a per-configuration matrix are then turned into matrix solves
+(:mod:`pm_em.rewrites`). Every batched term is broadcast to ``(C, *term.shape)``.
 """
 
 from __future__ import annotations
@@ -26,8 +34,10 @@ from pytensor.graph.basic import Variable
 from pytensor.graph.replace import vectorize_graph
 
 from pm_em.analysis import Component, ElementGroup, ModelStructure
+from pm_em.collapse import latent_mask, plan_collapse, vectorize_collapsed
 from pm_em.errors import UnsupportedModelError
 from pm_em.latents import LatentSpec
+from pm_em.rewrites import batch_solves
 
 __all__ = [
     "ComponentPosterior",
@@ -104,6 +114,45 @@ def _vectorize(terms: list, replace: dict, names: list[str]) -> list[Variable]:
         ) from err
 
 
+def _vectorize_term(term: Variable, full: dict, standins: dict, names: list[str]) -> Variable:
+    """One term per configuration: stand-ins for the latents the term allows (see
+    :mod:`pm_em.collapse`), full batches for the others.
+
+    The result is broadcastable to ``(C, *term.shape)``, not necessarily of that
+    shape. Should PyTensor fail to vectorize the stand-in graph, the full
+    substitution, which the stand-ins only optimize, is used instead.
+    """
+    candidates = {value: latent_mask(shape) for value, (shape, _) in standins.items()}
+    plan = plan_collapse(term, candidates)
+    if plan.standins:
+        replace = {
+            value: standins[value][1] if value in plan.standins else batch
+            for value, batch in full.items()
+        }
+        try:
+            return vectorize_collapsed(term, plan, replace)
+        except (NotImplementedError, TypeError, ValueError):
+            pass
+    (batched,) = _vectorize([term], full, names)
+    return batched
+
+
+def _batched_terms(
+    terms: list[Variable], latents: list[LatentSpec], values: list[np.ndarray]
+) -> list[Variable]:
+    """Each of ``terms`` evaluated at every configuration (``values``: each latent's
+    support value per configuration), broadcastable to ``(C, *term.shape)``."""
+    full = {lat.value: _batched_value(lat, v) for lat, v in zip(latents, values)}
+    standins = {
+        lat.value: (lat.shape, _standin_value(lat, v))
+        for lat, v in zip(latents, values)
+        if lat.size > 1
+    }
+    names = [lat.name for lat in latents]
+    batched = [_vectorize_term(term, full, standins, names) for term in terms]
+    return batch_solves(batched)
+
+
 def _config_values(latents: list[LatentSpec], repeat: int, tile: int) -> list[np.ndarray]:
     """Support value of each latent at each joint configuration.
 
@@ -121,12 +170,17 @@ def _config_values(latents: list[LatentSpec], repeat: int, tile: int) -> list[np
     ]
 
 
+def _standin_value(latent: LatentSpec, values: np.ndarray) -> Variable:
+    """The latent's value variable replaced by one value per configuration, shaped
+    ``(C, 1, ..., 1)``: every element of the latent takes that value."""
+    column = values.astype(latent.value.type.dtype)
+    return pt.constant(column.reshape((len(values),) + (1,) * len(latent.shape)))
+
+
 def _batched_value(latent: LatentSpec, values: np.ndarray) -> Variable:
     """The latent's value variable replaced by one value per configuration, shaped
     ``(C, *latent.shape)``."""
-    column = pt.constant(values.astype(latent.value.type.dtype))
-    column = column.reshape((len(values),) + (1,) * len(latent.shape))
-    return pt.broadcast_to(column, (len(values), *latent.shape))
+    return pt.broadcast_to(_standin_value(latent, values), (len(values), *latent.shape))
 
 
 def _attribute(term_batched: Variable, owner: np.ndarray, n: int) -> tuple[Variable, Variable]:
@@ -154,14 +208,10 @@ def _attribute(term_batched: Variable, owner: np.ndarray, n: int) -> tuple[Varia
 
 def _group_table(group: ElementGroup, globals_: list[LatentSpec], n_global: int) -> tuple:
     n_group = group.n_configs
-    replace = {}
-    for lat, values in zip(globals_, _config_values(globals_, n_group, 1)):
-        replace[lat.value] = _batched_value(lat, values)
-    for lat, values in zip(group.latents, _config_values(group.latents, 1, n_global)):
-        replace[lat.value] = _batched_value(lat, values)
+    values = _config_values(globals_, n_group, 1) + _config_values(group.latents, 1, n_global)
     n_configs = n_global * n_group
     terms = [t.logp for t, _ in group.terms]
-    batched = _vectorize(terms, replace, [lat.name for lat in globals_ + group.latents])
+    batched = _batched_terms(terms, globals_ + group.latents, values)
     element_total = pt.zeros((n_configs, group.n_elements))
     unowned_total = pt.zeros((n_configs,))
     batched = [
@@ -183,14 +233,10 @@ def build_tables(component: Component) -> ComponentTables:
     global_table = pt.zeros((n_global,))
     global_term_tables = []
     if component.global_terms:
-        replace = {
-            lat.value: _batched_value(lat, values)
-            for lat, values in zip(component.globals, _config_values(component.globals, 1, 1))
-        }
-        batched = _vectorize(
+        batched = _batched_terms(
             [t.logp for t in component.global_terms],
-            replace,
-            [lat.name for lat in component.globals],
+            component.globals,
+            _config_values(component.globals, 1, 1),
         )
         for term, term_batched in zip(component.global_terms, batched):
             term_batched = pt.broadcast_to(term_batched, (n_global, *term.shape))

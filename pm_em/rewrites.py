@@ -1,0 +1,122 @@
+"""Graph rewrites for the enumerated log-probability tables.
+
+With the latents enumerated through broadcastable stand-ins (see
+:mod:`pm_em.collapse`), ``MvNormal(mu[z], chol=chol[z])`` becomes a Blockwise
+triangular solve of the factors ``a``, batch shape ``(C, 1)`` (one per
+configuration), against the centred data ``b``, batch shape ``(C, n)``. Blockwise
+would loop over ``C * n`` vector solves in Python. :func:`local_matrix_b_solve`
+turns it into ``C`` matrix solves, ``a`` squeezed to ``(C, d, d)`` and ``b``
+transposed to ``(C, d, n)``: each observation becomes a column of the right-hand
+side. It generalizes PyTensor's ``batched_vector_b_solve_to_matrix_b_solve``, which
+requires ``a`` to have no batch axis at all.
+
+Apply it with :func:`batch_solves` (what :mod:`pm_em.enumeration` does to the tables
+it builds), or enable it in a compile mode::
+
+    from pytensor.compile.mode import get_mode
+    import pm_em.rewrites
+
+    mode = get_mode(None).including(pm_em.rewrites.REWRITE_TAG)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytensor.tensor as pt
+from pytensor.compile import optdb
+from pytensor.graph.basic import Variable
+from pytensor.graph.fg import FunctionGraph
+from pytensor.graph.rewriting.basic import copy_stack_trace, in2out, node_rewriter
+from pytensor.graph.rewriting.unify import OpPattern
+from pytensor.graph.traversal import applys_between, graph_inputs
+from pytensor.tensor.blockwise import Blockwise
+from pytensor.tensor.rewriting.blockwise import blockwise_of
+from pytensor.tensor.slinalg import SolveBase
+
+__all__ = ["REWRITE_TAG", "batch_solves", "local_matrix_b_solve"]
+
+#: Tag under which :func:`local_matrix_b_solve` is registered in PyTensor's
+#: ``specialize`` database. It is not part of ``fast_run``: include it explicitly.
+REWRITE_TAG = "pm_em_matrix_b_solve"
+
+
+def _matrix_b_axes(a: Variable, b: Variable, batch_ndim: int) -> list[int]:
+    """Batch axes (of the output) along which ``a`` is broadcast and ``b`` is not:
+    those can become columns of a matrix right-hand side."""
+    a_batch = (True,) * (batch_ndim - (a.type.ndim - 2)) + a.type.broadcastable[:-2]
+    b_batch = (True,) * (batch_ndim - (b.type.ndim - 1)) + b.type.broadcastable[:-1]
+    return [axis for axis in range(batch_ndim) if a_batch[axis] and not b_batch[axis]]
+
+
+@node_rewriter([blockwise_of(OpPattern(SolveBase, b_ndim=1))])
+def local_matrix_b_solve(fgraph, node):
+    """Replace ``Blockwise(Solve(b_ndim=1))(a, b)`` by matrix solves over the batch
+    axes ``a`` is not broadcast along.
+
+    The batch axes where ``a`` has length one (statically) and ``b`` does not are
+    moved to the end of ``b`` and flattened into the columns of a matrix right-hand
+    side; ``a`` loses them. A solve with several right-hand sides solves each column
+    independently with the same ``a``, so the result is the same, computed with one
+    factorization or triangular solve per remaining batch entry.
+    """
+    a, b = node.inputs
+    batch_ndim = node.op.batch_ndim(node)
+    moved = _matrix_b_axes(a, b, batch_ndim)
+    if not moved:
+        return None
+    kept = [axis for axis in range(batch_ndim) if axis not in moved]
+
+    a_full = pt.shape_padleft(a, batch_ndim - (a.type.ndim - 2))
+    a_kept = a_full.squeeze(axis=tuple(moved))
+    b_full = pt.shape_padleft(b, batch_ndim - (b.type.ndim - 1))
+    b_moved = b_full.transpose(*kept, *moved, batch_ndim)
+    kept_shape = [b_moved.shape[i] for i in range(len(kept))]
+    moved_shape = [b_full.shape[axis] for axis in moved]
+    n_columns = moved_shape[0]
+    for length in moved_shape[1:]:
+        n_columns = n_columns * length
+    core_length = b_full.shape[-1]
+    b_matrix = b_moved.reshape((*kept_shape, n_columns, core_length)).swapaxes(-1, -2)
+
+    props = node.op.core_op._props_dict()
+    props["b_ndim"] = 2
+    solved = Blockwise(type(node.op.core_op)(**props))(a_kept, b_matrix)
+
+    # Columns back to batch axes, in the original order.
+    solved = solved.swapaxes(-1, -2)
+    solved_kept = [solved.shape[i] for i in range(len(kept))]
+    solved = solved.reshape((*solved_kept, *moved_shape, core_length))
+    order = kept + moved
+    inverse = [order.index(axis) for axis in range(batch_ndim)] + [batch_ndim]
+    new_out = solved.transpose(*inverse)
+    copy_stack_trace(node.outputs[0], new_out)
+    return [new_out]
+
+
+def _rewritable(node) -> bool:
+    """Whether :func:`local_matrix_b_solve` would rewrite ``node``."""
+    op = node.op
+    if not (isinstance(op, Blockwise) and isinstance(op.core_op, SolveBase)):
+        return False
+    if op.core_op.b_ndim != 1:
+        return False
+    return bool(_matrix_b_axes(*node.inputs, op.batch_ndim(node)))
+
+
+def batch_solves(outputs: Sequence[Variable]) -> list[Variable]:
+    """``outputs`` with :func:`local_matrix_b_solve` applied throughout.
+
+    When there is something to rewrite, the graph is copied first (its inputs and
+    constants are kept), so graphs shared with the model are never modified in
+    place; otherwise ``outputs`` are returned as they are.
+    """
+    outputs = list(outputs)
+    if not any(_rewritable(node) for node in applys_between(graph_inputs(outputs), outputs)):
+        return outputs
+    fgraph = FunctionGraph(outputs=outputs, clone=True, copy_inputs=False, copy_orphans=False)
+    in2out(local_matrix_b_solve, ignore_newtrees=False).rewrite(fgraph)
+    return list(fgraph.outputs)
+
+
+optdb["specialize"].register("pm_em_local_matrix_b_solve", local_matrix_b_solve, REWRITE_TAG)
