@@ -124,8 +124,9 @@ def test_no_model_in_context():
         ({"tol": float("nan")}, "tol must be a positive finite number"),
         ({"max_iter": 0}, "max_iter must be an integer >= 1"),
         ({"max_iter": 2.5}, "max_iter must be an integer >= 1"),
+        ({"blas_cores": 0}, "blas_cores must be None or an integer >= 1"),
     ],
-    ids=["tol_zero", "tol_nan", "max_iter_zero", "max_iter_float"],
+    ids=["tol_zero", "tol_nan", "max_iter_zero", "max_iter_float", "blas_cores_zero"],
 )
 def test_options_are_checked_before_any_work(options, message):
     with pytest.raises(ValueError, match=message):

@@ -19,6 +19,7 @@ from pytensor.graph.replace import graph_replace, vectorize_graph
 from pytensor.graph.traversal import ancestors
 
 from pm_em.analysis import ModelStructure, ParamSpec, Term
+from pm_em.collapse import latent_mask, plan_collapse, vectorize_collapsed
 from pm_em.compile import evaluate_once
 from pm_em.latents import LatentSpec
 
@@ -208,13 +209,15 @@ class ClosedFormContext:
         graph = self.evaluate(expr)
         latent = entries.latent
         if latent is not None and latent.value in ancestors([graph]):
-            graph = vectorize_graph(graph, replace={latent.value: _support_stack(latent)})
+            graph = _per_configuration(graph, latent)
             leading = latent.n_support
         else:
             graph = graph[None]
             leading = 1
         full = (leading, *entries.batch_shape, *core_shape)
-        graph = pt.broadcast_to(graph, full).reshape((leading, entries.n_entries, *core_shape))
+        graph = pt.broadcast_to(graph, full)
+        if len(entries.batch_shape) != 1:
+            graph = graph.reshape((leading, entries.n_entries, *core_shape))
         # Python float literals can be float32 constants: compute in float64.
         return graph.astype("float64") if graph.dtype == "float32" else graph
 
@@ -327,6 +330,22 @@ class ClosedFormContext:
             if not np.allclose(value, expected, rtol=1e-12, atol=1e-12):
                 return None
         return Selection(ids=ids, constants=constants, params=list(params))
+
+
+def _per_configuration(graph: Variable, latent: LatentSpec) -> Variable:
+    """``graph`` once per support value of ``latent`` (leading axis), evaluated with a
+    broadcastable stand-in where that is exact (``sigma[z]`` gives ``(K, 1)``, not a
+    ``(K, n)`` gather; see :mod:`pm_em.collapse`), else with the latent's full copy
+    per support value."""
+    plan = plan_collapse(graph, {latent.value: latent_mask(latent.shape)})
+    if latent.value in plan.standins:
+        column = pt.constant(latent.support.astype(latent.value.type.dtype))
+        standin = column.reshape((latent.n_support,) + (1,) * len(latent.shape))
+        try:
+            return vectorize_collapsed(graph, plan, {latent.value: standin})
+        except (NotImplementedError, TypeError, ValueError):
+            pass
+    return vectorize_graph(graph, replace={latent.value: _support_stack(latent)})
 
 
 def _support_stack(latent: LatentSpec) -> Variable:
