@@ -1,0 +1,374 @@
+"""The benchmark problems: data, common start, NumPy EM pieces and PyMC models.
+
+Each `Case` knows how to simulate its data, the start every method begins from, the
+log-space E-step table and the closed-form M-step of its textbook EM, and how to
+build the PyMC model that pm_em (and, after marginalizing ``z``, pymc-extras) fits.
+All models have flat priors (a Dirichlet of ones on the weights, ``Flat`` /
+``HalfFlat`` / ``Uniform(0, 1)`` on the rest) and both PyMC-based peers maximize the
+log-density without Jacobian terms, so every method's target is the maximum-likelihood
+estimate.
+
+PyMC, PyTensor and scikit-learn are imported inside functions: the cold-start worker
+must set ``PYTENSOR_FLAGS`` before PyTensor is first imported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.linalg import solve_triangular
+from scipy.special import gammaln
+
+Params = dict[str, np.ndarray]
+
+LOG_2PI = np.log(2.0 * np.pi)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark problem.
+
+    Parameters
+    ----------
+    key : str
+        Short name used on the command line and in the table.
+    title : str
+        Human-readable description.
+    d : int
+        Observed elements per row (pm_em's tolerance is per observed element).
+    simulate : callable
+        ``simulate(n, seed)`` returns the data, first axis over observations.
+    start : dict of str to numpy.ndarray
+        Common start, in the NumPy parameterization (``log_joint``'s).
+    log_joint : callable
+        ``log_joint(x, params)`` returns the ``(n, K)`` table ``log p(x_i, z_i = k)``.
+    m_step : callable
+        ``m_step(x, resp)`` returns the closed-form M-step.
+    canonical : callable
+        Puts components in a canonical order (mixtures can switch labels).
+    build_model : callable
+        ``build_model(x)`` returns the PyMC model with the latent ``z`` written out.
+    initvals : callable
+        ``initvals(start)`` returns the start in the PyMC model's variable names.
+    from_posterior : callable
+        ``from_posterior(get)`` maps ``get(name) -> array`` (a posterior reader) to
+        parameters in the NumPy parameterization.
+    sklearn : dict or None
+        Keyword arguments of ``sklearn.mixture.GaussianMixture`` (start included);
+        ``None`` when scikit-learn has no such model.
+    from_sklearn : callable or None
+        Fitted ``GaussianMixture`` to parameters.
+    peers : tuple of str
+        The methods measured on this case.
+    """
+
+    key: str
+    title: str
+    d: int
+    simulate: Callable[[int, int], np.ndarray]
+    start: Params
+    log_joint: Callable[[np.ndarray, Params], np.ndarray]
+    m_step: Callable[[np.ndarray, np.ndarray], Params]
+    canonical: Callable[[Params], Params]
+    build_model: Callable[[np.ndarray], Any]
+    initvals: Callable[[Params], Params]
+    from_posterior: Callable[[Callable[[str], np.ndarray]], Params]
+    sklearn: dict[str, Any] | None
+    from_sklearn: Callable[[Any], Params] | None
+    peers: tuple[str, ...]
+
+    def loglik(self, x: np.ndarray, params: Params) -> float:
+        """Observed-data log-likelihood of ``params``: one function for every method."""
+        log_norm, _ = log_normalize(self.log_joint(x, params))
+        return float(log_norm.sum())
+
+
+def log_normalize(log_joint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Max-shifted log-sum-exp over the last axis.
+
+    Parameters
+    ----------
+    log_joint : numpy.ndarray of shape (n, K)
+        ``log p(x_i, z_i = k)``; entries may be ``-inf``, not a whole row.
+
+    Returns
+    -------
+    log_norm : numpy.ndarray of shape (n,)
+        ``log p(x_i)``.
+    resp : numpy.ndarray of shape (n, K)
+        Responsibilities ``p(z_i = k | x_i)``.
+    """
+    shift = log_joint.max(axis=1, keepdims=True)
+    resp = np.exp(log_joint - shift)
+    total = resp.sum(axis=1, keepdims=True)
+    resp /= total
+    return (shift + np.log(total))[:, 0], resp
+
+
+def by_first_mean(params: Params) -> Params:
+    """Sort mixture components by their mean (lexicographically in several dimensions)."""
+    mu = np.asarray(params["mu"])
+    order = np.argsort(mu) if mu.ndim == 1 else np.lexsort(mu.T[::-1])
+    return {key: np.asarray(value)[order] for key, value in params.items()}
+
+
+# --- 1-D two-component normal mixture (seed 001) ------------------------------------
+# The seed's values: mu = (2, 5), sigma = (0.5, 1), z ~ Bernoulli(psi = 0.6), so the
+# weights are (0.4, 0.6).
+
+GMM1D_MU = np.array([2.0, 5.0])
+GMM1D_SIGMA = np.array([0.5, 1.0])
+GMM1D_PSI = 0.6
+
+
+def gmm1d_simulate(n: int, seed: int) -> np.ndarray:
+    """Draw ``n`` points of seed 001's mixture."""
+    rng = np.random.default_rng(seed)
+    z = (rng.random(n) < GMM1D_PSI).astype(int)
+    return rng.normal(GMM1D_MU[z], GMM1D_SIGMA[z])
+
+
+def gmm1d_log_joint(x: np.ndarray, params: Params) -> np.ndarray:
+    """``log w_k + log Normal(x_i | mu_k, sigma_k)``, shape (n, 2)."""
+    standardized = (x[:, None] - params["mu"]) / params["sigma"]
+    return np.log(params["w"]) - np.log(params["sigma"]) - 0.5 * (LOG_2PI + standardized**2)
+
+
+def gmm1d_m_step(x: np.ndarray, resp: np.ndarray) -> Params:
+    """Weights, means and standard deviations maximizing the expected log-likelihood."""
+    counts = resp.sum(axis=0)
+    mu = x @ resp / counts
+    variance = np.einsum("nk,nk->k", resp, (x[:, None] - mu) ** 2) / counts
+    return {"w": counts / x.shape[0], "mu": mu, "sigma": np.sqrt(variance)}
+
+
+def gmm1d_model(x: np.ndarray):
+    """``Normal(mu[z], sigma[z])`` with flat priors."""
+    import pymc as pm
+
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", np.ones(2))
+        mu = pm.Flat("mu", shape=2)
+        sigma = pm.HalfFlat("sigma", shape=2)
+        z = pm.Categorical("z", p=w, shape=x.shape[0])
+        pm.Normal("x", mu[z], sigma[z], observed=x)
+    return model
+
+
+GMM1D_START = {
+    "w": np.array([0.5, 0.5]),
+    "mu": np.array([1.0, 6.0]),
+    "sigma": np.array([1.5, 1.5]),
+}
+
+GMM1D = Case(
+    key="gmm1d",
+    title="1-D 2-component normal mixture",
+    d=1,
+    simulate=gmm1d_simulate,
+    start=GMM1D_START,
+    log_joint=gmm1d_log_joint,
+    m_step=gmm1d_m_step,
+    canonical=by_first_mean,
+    build_model=gmm1d_model,
+    initvals=lambda start: dict(start),
+    from_posterior=lambda get: {name: get(name) for name in ("w", "mu", "sigma")},
+    sklearn={
+        "n_components": 2,
+        "covariance_type": "diag",
+        "weights_init": GMM1D_START["w"],
+        "means_init": GMM1D_START["mu"][:, None],
+        "precisions_init": 1.0 / GMM1D_START["sigma"][:, None] ** 2,
+    },
+    from_sklearn=lambda gm: {
+        "w": gm.weights_,
+        "mu": gm.means_[:, 0],
+        "sigma": np.sqrt(gm.covariances_[:, 0]),
+    },
+    peers=("numpy", "sklearn", "pm_em", "pymc-extras"),
+)
+
+
+# --- 2-D three-component full-covariance mixture ------------------------------------
+
+MV_K = 3
+MV_D = 2
+MV_W = np.array([0.5, 0.3, 0.2])
+MV_MU = np.array([[0.0, 0.0], [4.0, 1.0], [1.0, 4.0]])
+MV_COV = np.array(
+    [
+        [[1.0, 0.5], [0.5, 1.0]],
+        [[0.8, -0.3], [-0.3, 0.6]],
+        [[1.5, 0.0], [0.0, 0.4]],
+    ]
+)
+MV_TRIL = np.tril_indices(MV_D, -1)
+MV_DIAG = np.arange(MV_D)
+
+
+def mvgmm_simulate(n: int, seed: int) -> np.ndarray:
+    """Draw ``n`` points, shape (n, 2)."""
+    rng = np.random.default_rng(seed)
+    z = rng.choice(MV_K, size=n, p=MV_W)
+    chol = np.linalg.cholesky(MV_COV)
+    return MV_MU[z] + np.einsum("nij,nj->ni", chol[z], rng.standard_normal((n, MV_D)))
+
+
+def mvgmm_log_joint(x: np.ndarray, params: Params) -> np.ndarray:
+    """``log w_k + log MvNormal(x_i | mu_k, cov_k)``, shape (n, 3), looping over k only."""
+    table = np.empty((x.shape[0], MV_K))
+    for k in range(MV_K):
+        chol = np.linalg.cholesky(params["cov"][k])
+        whitened = solve_triangular(chol, (x - params["mu"][k]).T, lower=True)
+        log_det = 2.0 * np.log(np.diag(chol)).sum()
+        table[:, k] = np.log(params["w"][k]) - 0.5 * (
+            MV_D * LOG_2PI + log_det + np.einsum("dn,dn->n", whitened, whitened)
+        )
+    return table
+
+
+def mvgmm_m_step(x: np.ndarray, resp: np.ndarray) -> Params:
+    """Weights, means and full covariances maximizing the expected log-likelihood."""
+    counts = resp.sum(axis=0)
+    mu = resp.T @ x / counts[:, None]
+    cov = np.empty((MV_K, MV_D, MV_D))
+    for k in range(MV_K):
+        centered = x - mu[k]
+        cov[k] = (resp[:, k, None] * centered).T @ centered / counts[k]
+    return {"w": counts / x.shape[0], "mu": mu, "cov": cov}
+
+
+def mvgmm_model(x: np.ndarray):
+    """``MvNormal(mu[z], chol=chol[z])``, flat priors on the Cholesky factors' entries.
+
+    The diagonal of each factor is ``HalfFlat``, the strict lower triangle ``Flat``:
+    the log-density is then the likelihood alone, whose maximum over Cholesky factors
+    is scikit-learn's full-covariance MLE (with ``reg_covar=0``).
+    """
+    import pymc as pm
+    import pytensor.tensor as pt
+
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", np.ones(MV_K))
+        mu = pm.Flat("mu", shape=(MV_K, MV_D))
+        chol_diag = pm.HalfFlat("chol_diag", shape=(MV_K, MV_D))
+        chol_offdiag = pm.Flat("chol_offdiag", shape=(MV_K, MV_TRIL[0].size))
+        chol = pt.zeros((MV_K, MV_D, MV_D))
+        chol = pt.set_subtensor(chol[:, MV_DIAG, MV_DIAG], chol_diag)
+        chol = pt.set_subtensor(chol[:, MV_TRIL[0], MV_TRIL[1]], chol_offdiag)
+        z = pm.Categorical("z", p=w, shape=x.shape[0])
+        pm.MvNormal("x", mu=mu[z], chol=chol[z], observed=x)
+    return model
+
+
+def mvgmm_initvals(start: Params) -> Params:
+    """Covariances to the model's Cholesky parts."""
+    chol = np.linalg.cholesky(start["cov"])
+    return {
+        "w": start["w"],
+        "mu": start["mu"],
+        "chol_diag": chol[:, MV_DIAG, MV_DIAG],
+        "chol_offdiag": chol[:, MV_TRIL[0], MV_TRIL[1]],
+    }
+
+
+def mvgmm_from_posterior(get: Callable[[str], np.ndarray]) -> Params:
+    """The model's Cholesky parts back to covariances."""
+    chol = np.zeros((MV_K, MV_D, MV_D))
+    chol[:, MV_DIAG, MV_DIAG] = get("chol_diag")
+    chol[:, MV_TRIL[0], MV_TRIL[1]] = get("chol_offdiag")
+    return {"w": get("w"), "mu": get("mu"), "cov": chol @ np.swapaxes(chol, 1, 2)}
+
+
+MVGMM_START = {
+    "w": np.full(MV_K, 1.0 / MV_K),
+    "mu": np.array([[0.5, -0.5], [3.0, 2.0], [2.0, 3.0]]),
+    "cov": np.tile(np.eye(MV_D), (MV_K, 1, 1)),
+}
+
+MVGMM = Case(
+    key="mvgmm2d",
+    title="2-D 3-component full-covariance mixture",
+    d=MV_D,
+    simulate=mvgmm_simulate,
+    start=MVGMM_START,
+    log_joint=mvgmm_log_joint,
+    m_step=mvgmm_m_step,
+    canonical=by_first_mean,
+    build_model=mvgmm_model,
+    initvals=mvgmm_initvals,
+    from_posterior=mvgmm_from_posterior,
+    sklearn={
+        "n_components": MV_K,
+        "covariance_type": "full",
+        "weights_init": MVGMM_START["w"],
+        "means_init": MVGMM_START["mu"],
+        "precisions_init": np.linalg.inv(MVGMM_START["cov"]),
+    },
+    from_sklearn=lambda gm: {"w": gm.weights_, "mu": gm.means_, "cov": gm.covariances_},
+    peers=("numpy", "sklearn", "pm_em", "pymc-extras"),
+)
+
+
+# --- zero-inflated Poisson (the seed's exercise) ------------------------------------
+# A count is Poisson(rate = 1.5) with probability psi = 0.4, a structural zero
+# otherwise; the seed's run_em starts at rate 1, psi 0.5.
+
+ZIP_RATE = 1.5
+ZIP_PSI = 0.4
+
+
+def zip_simulate(n: int, seed: int) -> np.ndarray:
+    """Draw ``n`` zero-inflated counts."""
+    rng = np.random.default_rng(seed)
+    return rng.poisson(ZIP_RATE, size=n) * (rng.random(n) < ZIP_PSI)
+
+
+def zip_log_joint(x: np.ndarray, params: Params) -> np.ndarray:
+    """Columns: structural zero (z = 0), Poisson draw (z = 1); shape (n, 2)."""
+    psi, rate = float(params["psi"]), float(params["rate"])
+    with np.errstate(divide="ignore"):
+        structural = np.log1p(-psi) + np.log(x == 0)
+    poisson = np.log(psi) + x * np.log(rate) - rate - gammaln(x + 1.0)
+    return np.column_stack([structural, poisson])
+
+
+def zip_m_step(x: np.ndarray, resp: np.ndarray) -> Params:
+    """The seed's M-step: psi = mean(w), rate = sum(w x) / sum(w)."""
+    w = resp[:, 1]
+    return {"psi": np.asarray(w.mean()), "rate": np.asarray(w @ x / w.sum())}
+
+
+def zip_model(x: np.ndarray):
+    """``Poisson(z * rate)`` with a Bernoulli(psi) latent, flat priors."""
+    import pymc as pm
+
+    with pm.Model() as model:
+        psi = pm.Uniform("psi", 0.0, 1.0)
+        rate = pm.HalfFlat("rate")
+        z = pm.Bernoulli("z", p=psi, shape=x.shape[0])
+        pm.Poisson("x", mu=z * rate, observed=x)
+    return model
+
+
+ZIP = Case(
+    key="zip",
+    title="zero-inflated Poisson",
+    d=1,
+    simulate=zip_simulate,
+    start={"psi": np.asarray(0.5), "rate": np.asarray(1.0)},
+    log_joint=zip_log_joint,
+    m_step=zip_m_step,
+    canonical=lambda params: params,
+    build_model=zip_model,
+    initvals=lambda start: dict(start),
+    from_posterior=lambda get: {"psi": get("psi"), "rate": get("rate")},
+    sklearn=None,
+    from_sklearn=None,
+    peers=("numpy", "pm_em"),
+)
+
+CASES = {case.key: case for case in (GMM1D, MVGMM, ZIP)}
