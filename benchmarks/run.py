@@ -353,19 +353,30 @@ def measure_here(
         fit_fn = make_fit(peer, case, x, args.tol, args.max_iter, args.seed)
         progress(f"{case.key} n={m.n} {peer}: first call in this process")
         m.first_s, fit = timed(fit_fn, budget)
-        # A fit that takes minutes is timed once, so that the run stays within reach.
-        repeats = args.repeats if m.first_s < SLOW_FIRST_CALL_S else 1
-        for i in range(repeats):
-            progress(f"{case.key} n={m.n} {peer}: warm fit {i + 1}/{repeats}")
-            seconds, fit = timed(fit_fn, budget)
-            m.warm_times.append(seconds)
     except BudgetExceeded:
-        m.status, m.note = "timeout", f"a call ran past --max-seconds={budget:g}"
+        m.status, m.note = "timeout", f"the first call ran past --max-seconds={budget:g}"
         return
     except Exception as error:  # noqa: BLE001  (reported in the table, not hidden)
         m.status, m.note = "error", _describe(error)
         return
+    # A fit that takes minutes is timed once, so that the run stays within reach.
+    repeats = args.repeats if m.first_s < SLOW_FIRST_CALL_S else 1
+    for i in range(repeats):
+        progress(f"{case.key} n={m.n} {peer}: warm fit {i + 1}/{repeats}")
+        try:
+            seconds, fit = timed(fit_fn, budget)
+        except BudgetExceeded:
+            if not m.warm_times:
+                m.status = "timeout"
+            m.note = f"warm fit {i + 1} ran past --max-seconds={budget:g}"
+            break
+        except Exception as error:  # noqa: BLE001  (reported in the table, not hidden)
+            m.status, m.note = "error", _describe(error)
+            return
+        m.warm_times.append(seconds)
     record_fit(case, x, fit, m)
+    if m.status != "ok":
+        return
     if args.memory and m.first_s >= SLOW_FIRST_CALL_S:
         m.extra["memory"] = f"not measured: first call over {SLOW_FIRST_CALL_S:g} s"
     elif args.memory:
@@ -469,6 +480,8 @@ def results_table(rows: list[Measurement], args: argparse.Namespace) -> str:
         warm = r.warm_s
         if r.status != "ok":
             warm_text = f"{r.status}: {r.note}".replace("|", "/")
+        elif r.note:  # some warm fits finished, a later one ran past the budget
+            warm_text = f"{_fmt_s(warm)} ({r.note})"
         else:
             warm_text = _fmt_s(warm)
         vs_sk = (
@@ -649,11 +662,11 @@ def report(rows: list[Measurement], args: argparse.Namespace, env: dict[str, Any
         )
     out = ["## Results", "", *[f"- {line}" for line in notes], "", results_table(rows, args)]
     out += ["", "## Targets", "", targets_table(rows, args)]
-    problems = [r for r in rows if r.status != "ok" or r.extra.get("warnings")]
+    problems = [r for r in rows if r.status != "ok" or r.note or r.extra.get("warnings")]
     if problems:
         out += ["", "Notes:"]
         for r in problems:
-            if r.status != "ok":
+            if r.status != "ok" or r.note:
                 detail = f"{r.status}: {r.note}"
             else:
                 detail = "warning: " + "; ".join(r.extra["warnings"])
