@@ -274,8 +274,13 @@ def posterior_from_tables(component: Component, tables: ComponentTables) -> Comp
         sizes = [lat.n_support for lat in group.latents]
         joint = log_w.reshape((log_w.shape[0], *sizes, group.n_elements))
         for axis, lat in enumerate(group.latents):
-            other = (0,) + tuple(a + 1 for a in range(len(sizes)) if a != axis)
-            marginal = logsumexp(joint, axis=other)  # (n_support, n)
+            if len(sizes) == 1 and component.n_global_configs == 1:
+                # Nothing to sum out: the joint is the latent's own posterior (and a
+                # log-sum-exp would cost a few n x K temporaries every iteration).
+                marginal = log_w[0]
+            else:
+                other = (0,) + tuple(a + 1 for a in range(len(sizes)) if a != axis)
+                marginal = logsumexp(joint, axis=other)  # (n_support, n)
             log_resp[lat.name] = marginal.T.reshape((*lat.shape, lat.n_support))
     return ComponentPosterior(log_marginal, log_q_global, log_w_groups, log_resp)
 
