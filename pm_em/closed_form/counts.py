@@ -60,6 +60,15 @@ def _keep_valid(ctx, param, new, upper=None):
     return pt.switch(valid, new, current)
 
 
+def _value_sums(ctx, uses, size):
+    """Expected sum of the values and expected count per parameter element."""
+    total, count = pt.zeros((size,)), pt.zeros((size,))
+    for entries, _, selection in uses:
+        total += scatter_sum(entries.weights * ctx.value_table(entries), selection.ids, size)
+        count += scatter_sum(entries.weights, selection.ids, size)
+    return total, count
+
+
 def poisson_rate(ctx, param) -> ClosedFormUpdate | None:
     """Closed-form update of a Poisson rate (flat, Gamma or Exponential prior)."""
     prior = rate_prior(ctx, param)
@@ -68,11 +77,7 @@ def poisson_rate(ctx, param) -> ClosedFormUpdate | None:
     uses = _uses(ctx, param, PoissonRV, 0)
     if uses is None:
         return None
-    size = int(param.value_size)
-    total, count = pt.zeros((size,)), pt.zeros((size,))
-    for entries, _, selection in uses:
-        total += scatter_sum(entries.weights * ctx.value_table(entries), selection.ids, size)
-        count += scatter_sum(entries.weights, selection.ids, size)
+    total, count = _value_sums(ctx, uses, int(param.value_size))
     alpha, beta = (pt.constant(v) for v in prior)
     new = _keep_valid(ctx, param, (total + alpha - 1) / (count + beta))
     return ClosedFormUpdate([param], [ctx.set_value(param, new)], "poisson rate")
@@ -87,11 +92,7 @@ def exponential_rate(ctx, param) -> ClosedFormUpdate | None:
     uses = _uses(ctx, param, ExponentialRV, 0, transform=pt.reciprocal)
     if uses is None:
         return None
-    size = int(param.value_size)
-    total, count = pt.zeros((size,)), pt.zeros((size,))
-    for entries, _, selection in uses:
-        total += scatter_sum(entries.weights * ctx.value_table(entries), selection.ids, size)
-        count += scatter_sum(entries.weights, selection.ids, size)
+    total, count = _value_sums(ctx, uses, int(param.value_size))
     alpha, beta = (pt.constant(v) for v in prior)
     new = _keep_valid(ctx, param, (count + alpha - 1) / (total + beta))
     return ClosedFormUpdate([param], [ctx.set_value(param, new)], "exponential rate")
