@@ -19,6 +19,7 @@ from pytensor.graph.basic import Variable
 from pytensor.graph.rewriting.utils import rewrite_graph
 from pytensor.graph.traversal import ancestors
 
+from pm_em.chains import ChainSpec, chain_spec, is_markov_chain, model_initial_point
 from pm_em.compile import evaluate_once
 from pm_em.dependence import build_owner_graphs
 from pm_em.errors import UnsupportedModelError
@@ -130,11 +131,18 @@ class Component:
     groups : list of ElementGroup
     global_terms : list of Term
         Terms that depend on the global latents only.
+    chain : ChainSpec or None
+        When the component is a Markov chain: the chain. Its one element group then
+        holds the chain's dependents (emissions) only; the chain's own term is
+        ``chain_term`` and enters through forward-backward.
+    chain_term : Term or None
     """
 
     globals: list[LatentSpec] = field(default_factory=list)
     groups: list[ElementGroup] = field(default_factory=list)
     global_terms: list[Term] = field(default_factory=list)
+    chain: ChainSpec | None = None
+    chain_term: Term | None = None
 
     @property
     def n_global_configs(self) -> int:
@@ -185,13 +193,14 @@ def analyze_model(model: pm.Model, latent_vars: list[str] | None = None) -> Mode
         combine several elements of a latent.
     """
     _refuse_continuous_imputation(model)
-    point = model.initial_point()
+    point = model_initial_point(model)
     latent_rvs = _select_latents(model, latent_vars)
     latents = _latent_specs(model, latent_rvs, point)
+    chains = {lat.name: chain_spec(model, lat) for lat in latents if is_markov_chain(lat.rv)}
     params = _param_specs(model, latent_rvs, point)
     terms = _terms(model, latent_rvs)
-    _attach_dependence(model, terms, latents, point)
-    components = _components(latents, terms)
+    _attach_dependence(model, terms, latents, point, chains)
+    components = _components(latents, terms, chains)
     n_obs = sum(int(np.size(point_value)) for point_value in _observed_values(model))
     return ModelStructure(
         model=model,
@@ -338,15 +347,18 @@ def _terms(model, latent_rvs) -> list[Term]:
     return terms
 
 
-def _attach_dependence(model, terms, latents, point) -> None:
+def _attach_dependence(model, terms, latents, point, chains) -> None:
     """Fill each term's ``latents`` and ``owners`` (evaluated once), checking that no
-    entry of a term combines several elements of one latent."""
+    entry of a term combines several elements of one latent (a Markov chain's own
+    term, which links consecutive states, is left to forward-backward)."""
     outputs, unpack = [], []
     for latent in latents:
         dependent = [t for t in terms if latent.value in ancestors([t.logp])]
         for t in dependent:
             t.latents.add(latent.name)
-        if latent.size == 1:
+        if latent.name in chains:
+            dependent = [t for t in dependent if t.name != latent.name]
+        if (latent.size == 1 and latent.name not in chains) or not dependent:
             continue
         graphs = build_owner_graphs(latent.value, [t.logp for t in dependent])
         for t in dependent:
@@ -385,7 +397,7 @@ def _attach_dependence(model, terms, latents, point) -> None:
             t.owners[latent.name] = owner
 
 
-def _components(latents: list[LatentSpec], terms: list[Term]) -> list[Component]:
+def _components(latents: list[LatentSpec], terms: list[Term], chains) -> list[Component]:
     by_name = {lat.name: lat for lat in latents}
     parent = {lat.name: lat.name for lat in latents}
 
@@ -408,8 +420,34 @@ def _components(latents: list[LatentSpec], terms: list[Term]) -> list[Component]
     for group_latents in members.values():
         names = {lat.name for lat in group_latents}
         comp_terms = [t for t in terms if t.latents & names]
-        components.append(_build_component(group_latents, comp_terms, by_name))
+        chained = [lat.name for lat in group_latents if lat.name in chains]
+        if chained:
+            components.append(_chain_component(group_latents, comp_terms, chains[chained[0]]))
+        else:
+            components.append(_build_component(group_latents, comp_terms, by_name))
     return components
+
+
+def _chain_component(latents, terms, chain: ChainSpec) -> Component:
+    """A Markov chain with its dependents: one element group (the chain's states)
+    whose terms are the emissions; the chain's own term is kept apart."""
+    others = [lat.name for lat in latents if lat.name != chain.name]
+    if others:
+        raise UnsupportedModelError(
+            f"The latent(s) {others} share log-probability terms with the Markov chain "
+            f"'{chain.name}' (directly or through other latents). pm_em runs "
+            "forward-backward on a chain whose dependents involve no other latent; "
+            "marginalize the other latents by hand or make them part of the chain's "
+            "state."
+        )
+    latent = chain.latent
+    own = [t for t in terms if t.name == chain.name]
+    group = ElementGroup(latents=[latent], n_elements=latent.size)
+    for t in terms:
+        if t.name == chain.name:
+            continue
+        group.terms.append((t, _group_owner(t, [latent])))
+    return Component(groups=[group], chain=chain, chain_term=own[0])
 
 
 def _build_component(latents, terms, by_name) -> Component:

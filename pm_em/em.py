@@ -12,6 +12,7 @@ from pytensor.graph.traversal import ancestors
 from scipy import optimize
 
 from pm_em.analysis import analyze_model
+from pm_em.chains import model_initial_point
 from pm_em.compile import compile_function
 from pm_em.graphs import build_em_graphs
 from pm_em.loop import EMHistory, EMState
@@ -90,9 +91,14 @@ class LogResponsibilities(dict):
     to :meth:`EM.m_step` is exact.
     """
 
-    def __init__(self, marginals, joint, closed_form=None, stats=None, at_values=None):
+    def __init__(
+        self, marginals, joint, closed_form=None, stats=None, at_values=None, transitions=None
+    ):
         super().__init__(marginals)
         self.joint = joint
+        #: Markov-chain latent name -> expected transition counts ``(*batch, K, K)``:
+        #: entry ``[..., j, k]`` is the expected number of ``j -> k`` steps.
+        self.transition_counts = transitions or {}
         # The closed-form M-step blocks and the numeric block's statistics, computed
         # in the same call as the E-step, and the parameter values of that call
         # (they hold for that point only).
@@ -154,10 +160,15 @@ class EM:
         self.params = self.structure.params
         self.latents = self.structure.latents
 
+        # In the order of the M-step's responsibility inputs (ResponsibilityInputs.flat).
         posterior_outputs = []
-        for post in graphs.posteriors:
+        self._transition_slots = {}
+        for comp, post in zip(self.structure.components, graphs.posteriors):
             posterior_outputs.append(post.log_q_global)
             posterior_outputs += post.log_w_groups
+            if post.transition_counts is not None:
+                self._transition_slots[comp.chain.name] = (len(posterior_outputs), comp.chain)
+                posterior_outputs.append(post.transition_counts)
         self._marginal_names = [n for post in graphs.posteriors for n in post.log_resp]
         marginals = [post.log_resp[n] for post in graphs.posteriors for n in post.log_resp]
         self._n_joint = len(posterior_outputs)
@@ -194,6 +205,7 @@ class EM:
         )
         self._compile_kwargs = compile_kwargs
         self._result_fn = None
+        self._chain_fn = None
         if closed_form:
             _ROUTINES.setdefault(self.model, {})[
                 _routine_key(self.model, latent_vars, compile_kwargs)
@@ -238,7 +250,7 @@ class EM:
             Continuous free variable name -> value, constrained space.
         """
         rng = np.random.default_rng(random_seed)
-        start = self.model.initial_point(random_seed=int(rng.integers(2**31)))
+        start = model_initial_point(self.model, random_seed=int(rng.integers(2**31)))
         values = [
             np.asarray(start[p.value.name]) + rng.uniform(-1, 1, size=p.value_shape)
             for p in self.params
@@ -272,7 +284,13 @@ class EM:
         n_closed = len(self.graphs.closed_step)
         closed = [np.asarray(a) for a in rest[end : end + n_closed]]
         stats = [np.asarray(a) for a in rest[end + n_closed :]]
-        return float(logp), LogResponsibilities(marginals, joint, closed, stats, values)
+        transitions = {
+            name: joint[slot].reshape((*chain.batch_shape, chain.n_states, chain.n_states))
+            for name, (slot, chain) in self._transition_slots.items()
+        }
+        return float(logp), LogResponsibilities(
+            marginals, joint, closed, stats, values, transitions
+        )
 
     def m_step(self, point: Mapping[str, np.ndarray], log_resp) -> dict[str, np.ndarray]:
         """The next point: the maximizer of the expected complete-data log-posterior.
@@ -292,12 +310,19 @@ class EM:
             np.array_equal(a, b) for a, b in zip(values, log_resp.at_values)
         ):
             # Its closed-form blocks belong to the point of its E-step, not this one.
-            log_resp = LogResponsibilities(log_resp, log_resp.joint)
+            log_resp = LogResponsibilities(
+                log_resp, log_resp.joint, transitions=log_resp.transition_counts
+            )
         return self.to_point(self._m_step_values(values, log_resp))
 
     def _joint_tables(self, log_resp) -> list[np.ndarray]:
         tables = []
         for comp in self.structure.components:
+            if comp.chain is not None:
+                raise ValueError(
+                    f"'{comp.chain.name}' is a Markov chain: pass the object returned by "
+                    "e_step (it carries the expected transition counts), not a plain dict."
+                )
             if comp.globals and comp.groups or len(comp.latents) > 1:
                 names = [lat.name for lat in comp.latents]
                 raise ValueError(
@@ -386,7 +411,29 @@ class EM:
 
     # -- results ---------------------------------------------------------------------
 
-    def _result_outputs(self, values, labels):
+    def _chain_outputs(self, values):
+        """Each Markov chain's Viterbi path and one-step predictive state table, by
+        chain name (compiled on first use)."""
+        chained = [
+            (comp.chain.name, path, predictive)
+            for comp, path, predictive in zip(
+                self.structure.components, self.graphs.chain_paths, self.graphs.chain_predictive
+            )
+            if comp.chain is not None
+        ]
+        if not chained:
+            return {}, {}
+        if self._chain_fn is None:
+            self._chain_fn = compile_function(
+                self.graphs.values,
+                [g for _, path, predictive in chained for g in (path, predictive)],
+                self._compile_kwargs,
+            )
+        outputs = [np.asarray(v) for v in self._chain_fn(*values)]
+        names = [name for name, _, _ in chained]
+        return dict(zip(names, outputs[0::2])), dict(zip(names, outputs[1::2]))
+
+    def _result_outputs(self, values, labels, predictive):
         """Deterministics and per-configuration term tables, compiled on first use
         (once per EM object, not per fit)."""
         graphs = self.graphs
@@ -419,19 +466,28 @@ class EM:
             for group in comp.groups:
                 comp_groups.append(group_values[: len(group.terms)])
                 group_values = group_values[len(group.terms) :]
-            pointwise.update(pointwise_loglik(comp, comp_global, comp_groups))
+            element_prior = predictive.get(comp.chain.name) if comp.chain is not None else None
+            pointwise.update(pointwise_loglik(comp, comp_global, comp_groups, element_prior))
         return deterministics, pointwise
 
     def finish(self, state: EMState, history: EMHistory) -> FitResult:
         """Package a final EM state: constrained point, most probable latent values,
-        Deterministics there, and the pointwise log-likelihood."""
+        Deterministics there, and the pointwise log-likelihood.
+
+        The most probable value is per element for an enumerated latent, and the most
+        probable sequence (Viterbi path) for a Markov chain."""
+        paths, predictive = self._chain_outputs(state.values)
         labels = {
-            lat.name: lat.support[np.argmax(state.log_resp[lat.name], axis=-1)].astype(
-                lat.value.type.dtype
-            )
+            lat.name: paths[lat.name]
+            if lat.name in paths
+            else lat.support[np.argmax(state.log_resp[lat.name], axis=-1)]
             for lat in self.latents
         }
-        deterministics, pointwise = self._result_outputs(state.values, labels)
+        labels = {
+            lat.name: np.asarray(labels[lat.name]).astype(lat.value.type.dtype)
+            for lat in self.latents
+        }
+        deterministics, pointwise = self._result_outputs(state.values, labels, predictive)
         return FitResult(
             point=self.to_point(state.values),
             deterministics=deterministics,

@@ -30,12 +30,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytensor.tensor as pt
+from pymc.distributions.dist_math import check_parameters
 from pytensor.graph.basic import Variable
 from pytensor.graph.replace import vectorize_graph
 
 from pm_em.analysis import Component, ElementGroup, ModelStructure
 from pm_em.collapse import latent_mask, plan_collapse, vectorize_collapsed
 from pm_em.errors import UnsupportedModelError
+from pm_em.forward_backward import forward_backward, forward_filter, viterbi
 from pm_em.latents import LatentSpec
 from pm_em.rewrites import batch_solves
 
@@ -93,12 +95,15 @@ class ComponentPosterior:
         ``log W[g, k, i]`` per group, shape ``(Kg, Ke, n)``.
     log_resp : dict
         Latent name -> log responsibilities, shaped ``latent.shape + (n_support,)``.
+    transition_counts : Variable or None
+        For a Markov chain: the expected transition counts per sequence, ``(B, K, K)``.
     """
 
     log_marginal: Variable
     log_q_global: Variable
     log_w_groups: list[Variable]
     log_resp: dict[str, Variable]
+    transition_counts: Variable | None = None
 
 
 def _vectorize(terms: list, replace: dict, names: list[str]) -> list[Variable]:
@@ -253,6 +258,8 @@ def build_tables(component: Component) -> ComponentTables:
 
 def posterior_from_tables(component: Component, tables: ComponentTables) -> ComponentPosterior:
     """E-step of one component: responsibilities and log marginal from its tables."""
+    if component.chain is not None:
+        return _chain_posterior(component, tables)
     element_marginals = [logsumexp(table, axis=1) for table in tables.group_tables]
     per_global = tables.global_table
     for marginal in element_marginals:
@@ -283,6 +290,54 @@ def posterior_from_tables(component: Component, tables: ComponentTables) -> Comp
                 marginal = logsumexp(joint, axis=other)  # (n_support, n)
             log_resp[lat.name] = marginal.T.reshape((*lat.shape, lat.n_support))
     return ComponentPosterior(log_marginal, log_q_global, log_w_groups, log_resp)
+
+
+def chain_emissions(component: Component, table: Variable) -> Variable:
+    """A chain's per-element table ``(1, K, n)`` as forward-backward's log emissions
+    ``(B, T, K)`` (elements are the chain's, in C order: sequence, then time)."""
+    chain = component.chain
+    shape = (chain.n_states, chain.n_sequences, chain.n_steps)
+    return table[0].reshape(shape).transpose(1, 2, 0)
+
+
+def viterbi_path(component: Component, tables: ComponentTables) -> Variable:
+    """A Markov chain's most probable state sequence, shaped as the chain."""
+    chain = component.chain
+    log_emission = chain_emissions(component, tables.group_tables[0])
+    path, _ = viterbi(log_emission, chain.log_transition, chain.log_initial)
+    return chain.latent.support[0] + path.reshape(chain.latent.shape)
+
+
+def predictive_table(component: Component, tables: ComponentTables) -> Variable:
+    """``log p(s_t = k | observations before t)`` per element, ``(1, K, n)``."""
+    chain = component.chain
+    log_emission = chain_emissions(component, tables.group_tables[0])
+    log_predictive = forward_filter(log_emission, chain.log_transition, chain.log_initial)
+    return log_predictive.transpose(2, 0, 1).reshape((1, chain.n_states, chain.latent.size))
+
+
+def _chain_posterior(component: Component, tables: ComponentTables) -> ComponentPosterior:
+    """Forward-backward over a Markov chain's emission tables."""
+    chain = component.chain
+    log_emission = chain_emissions(component, tables.group_tables[0])
+    log_gamma, transition_counts, log_likelihood = forward_backward(
+        log_emission, chain.log_transition, chain.log_initial
+    )
+    log_marginal = check_parameters(
+        log_likelihood.sum() + tables.global_table[0],
+        chain.valid,
+        msg=f"the rows of the transition matrix of '{chain.name}' must sum to 1",
+    )
+    n_states, n_elements = chain.n_states, chain.latent.size
+    log_w = log_gamma.transpose(2, 0, 1).reshape((1, n_states, n_elements))
+    log_resp = {chain.name: log_gamma.reshape((*chain.latent.shape, n_states))}
+    return ComponentPosterior(
+        log_marginal=log_marginal,
+        log_q_global=pt.zeros((1,)),
+        log_w_groups=[log_w],
+        log_resp=log_resp,
+        transition_counts=transition_counts,
+    )
 
 
 def latent_free_logp(structure: ModelStructure) -> Variable:

@@ -32,6 +32,7 @@ from pytensor.tensor.random.basic import NormalRV
 from pytensor.tensor.random.op import RandomVariable
 
 from pm_em.analysis import ModelStructure, ParamSpec, Term
+from pm_em.chains import model_initial_point
 from pm_em.closed_form.base import ClosedFormContext, TermEntries
 from pm_em.compile import evaluate_once
 from pm_em.enumeration import ComponentTables
@@ -87,12 +88,14 @@ def build_numeric_objective(
     def involved(term: Term) -> bool:
         return bool(values & set(ancestors([term.logp])))
 
-    ctx = ClosedFormContext(structure, responsibilities.log_q_global, responsibilities.log_w_groups)
+    ctx = ClosedFormContext(structure, responsibilities)
     total = pt.constant(0.0, dtype="float64")
     for term in structure.latent_free_terms:
         if involved(term):
             total = total + term.logp.sum()
     for c, comp in enumerate(structure.components):
+        if comp.chain is not None and involved(comp.chain_term):
+            total = total + _expected_chain_term(ctx.chain_use(comp.chain_term))
         comp_terms = list(comp.global_terms) + [t for g in comp.groups for t, _ in g.terms]
         if not any(involved(t) for t in comp_terms):
             continue
@@ -122,6 +125,13 @@ def _per_term_tables(comp, tables: ComponentTables) -> dict[str, Variable]:
         for (t, _), tab in zip(group.terms, group_tables):
             per_term[t.name] = tab
     return per_term
+
+
+def _expected_chain_term(use) -> Variable:
+    """A Markov chain's own term in expectation: ``sum_k gamma_0(k) log p(s_0 = k)``
+    plus ``sum_jk xi_jk log P_jk`` (expected transition counts), per sequence."""
+    initial = _weighted_sum(pt.exp(use.log_initial_weights), use.chain.log_initial)
+    return initial + _weighted_sum(use.transition_counts, use.chain.log_transition)
 
 
 def _weighted_sum(weights: Variable, table: Variable) -> Variable:
@@ -172,7 +182,7 @@ def _per_config_inputs(ctx, entries):
         narrow.append(_narrow_column(ctx, arg, entries, core_shape))
     model = ctx.model
     inputs = model.value_vars
-    start = model.initial_point()
+    start = model_initial_point(model)
     rng = np.random.default_rng(7)
     jittered = {
         name: value + rng.normal(size=np.shape(value))

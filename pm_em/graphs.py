@@ -20,6 +20,8 @@ from pm_em.enumeration import (
     build_tables,
     latent_free_logp,
     posterior_from_tables,
+    predictive_table,
+    viterbi_path,
 )
 from pm_em.expected_stats import NumericObjective, build_numeric_objective
 from pm_em.mstep import ResponsibilityInputs, flatten_params
@@ -67,6 +69,12 @@ class EMGraphs:
         ...and each parameter's value variable as a graph of them.
     deterministics : list of Variable
         The model's Deterministics as graphs of ``values`` and the latents' values.
+    chain_paths : list of Variable or None
+        Per component, for a Markov chain: its Viterbi path (most probable state
+        sequence), shaped as the chain, a graph of ``values``.
+    chain_predictive : list of Variable or None
+        Per component, for a Markov chain: ``log p(s_t = k | y_<t)`` as a table
+        ``(1, K, n)`` over the chain's elements (for pointwise log-likelihoods).
     """
 
     values: list[Variable]
@@ -87,6 +95,8 @@ class EMGraphs:
     constrained_inputs: list[Variable]
     unconstrained: list[Variable]
     deterministics: list[Variable]
+    chain_paths: list[Variable | None]
+    chain_predictive: list[Variable | None]
 
 
 def build_em_graphs(structure: ModelStructure, closed_form: bool = True) -> EMGraphs:
@@ -104,9 +114,7 @@ def build_em_graphs(structure: ModelStructure, closed_form: bool = True) -> EMGr
 
     responsibilities = ResponsibilityInputs.for_structure(structure)
     if closed_form:
-        closed_form = closed_form_updates(
-            structure, responsibilities.log_q_global, responsibilities.log_w_groups
-        )
+        closed_form = closed_form_updates(structure, responsibilities)
     else:
         closed_form = []
     closed_params = [p for update in closed_form for p in update.params]
@@ -119,6 +127,8 @@ def build_em_graphs(structure: ModelStructure, closed_form: bool = True) -> EMGr
         fused[responsibilities.log_q_global[c]] = post.log_q_global
         for placeholder, log_w in zip(responsibilities.log_w_groups[c], post.log_w_groups):
             fused[placeholder] = log_w
+        if post.transition_counts is not None:
+            fused[responsibilities.transition_counts[c]] = post.transition_counts
     closed_step = graph_replace(closed_new, fused, strict=False) if closed_new else []
 
     numeric = build_numeric_objective(structure, tables, responsibilities, numeric_params)
@@ -141,6 +151,14 @@ def build_em_graphs(structure: ModelStructure, closed_form: bool = True) -> EMGr
         forward = p.transform.forward(placeholder, *p.rv.owner.inputs)
         unconstrained.append(graph_replace(forward, rv_to_input, strict=False))
     deterministics = model.replace_rvs_by_values(model.deterministics)
+    chain_paths, chain_predictive = [], []
+    for comp, table in zip(structure.components, tables):
+        if comp.chain is None:
+            chain_paths.append(None)
+            chain_predictive.append(None)
+            continue
+        chain_paths.append(viterbi_path(comp, table))
+        chain_predictive.append(predictive_table(comp, table))
     return EMGraphs(
         values=[p.value for p in structure.params],
         logp=logp,
@@ -160,4 +178,6 @@ def build_em_graphs(structure: ModelStructure, closed_form: bool = True) -> EMGr
         constrained_inputs=constrained_inputs,
         unconstrained=unconstrained,
         deterministics=deterministics,
+        chain_paths=chain_paths,
+        chain_predictive=chain_predictive,
     )

@@ -35,14 +35,17 @@ class ResponsibilityInputs:
         Per component, ``(Kg,)``.
     log_w_groups : list of list of Variable
         Per component, per element group, ``(Kg, Ke, n)``.
+    transition_counts : list of Variable or None
+        Per component, for a Markov chain: expected transition counts ``(B, K, K)``.
     """
 
     log_q_global: list[Variable]
     log_w_groups: list[list[Variable]]
+    transition_counts: list[Variable | None]
 
     @classmethod
     def for_structure(cls, structure: ModelStructure) -> ResponsibilityInputs:
-        log_q, log_w = [], []
+        log_q, log_w, counts = [], [], []
         for c, comp in enumerate(structure.components):
             log_q.append(pt.vector(f"log_q_global_{c}", dtype="float64"))
             log_w.append(
@@ -51,11 +54,23 @@ class ResponsibilityInputs:
                     for j, _ in enumerate(comp.groups)
                 ]
             )
-        return cls(log_q, log_w)
+            counts.append(
+                None
+                if comp.chain is None
+                else pt.tensor(f"transition_counts_{c}", shape=(None,) * 3, dtype="float64")
+            )
+        return cls(log_q, log_w, counts)
 
     @property
     def flat(self) -> list[Variable]:
-        return self.log_q_global + [w for ws in self.log_w_groups for w in ws]
+        """All inputs, component by component (``log q``, each group's ``log W``, the
+        transition counts of a chain): the order of the E-step's outputs."""
+        inputs = []
+        for log_q, log_w, counts in zip(
+            self.log_q_global, self.log_w_groups, self.transition_counts
+        ):
+            inputs += [log_q, *log_w] + ([] if counts is None else [counts])
+        return inputs
 
 
 def expectation(log_weight: Variable, table: Variable) -> Variable:

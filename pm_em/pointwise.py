@@ -37,6 +37,7 @@ def pointwise_loglik(
     component: Component,
     global_tables: list[np.ndarray],
     group_tables: list[list[np.ndarray]],
+    element_prior: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Pointwise log-likelihood of the observed terms of one component.
 
@@ -47,6 +48,10 @@ def pointwise_loglik(
         Each global term per global configuration, ``(Kg, *shape)``.
     group_tables : list of list of np.ndarray
         Per group, each term per joint configuration, ``(Kg * Ke, *shape)``.
+    element_prior : np.ndarray, optional
+        For a Markov chain (one group, no globals): ``log p(s_t = k | y_<t)``,
+        ``(1, K, n)``. Each step's observations are then pieces of the one-step
+        predictive ``log p(y_t | y_<t)``, which add up to the log-likelihood.
 
     Returns
     -------
@@ -77,17 +82,19 @@ def pointwise_loglik(
                 flat = table.reshape(n_global, group.n_configs, -1)[:, 0, :]
                 pieces, state = _chain(state, flat[:, unowned])
                 result.setdefault(term.name, np.full(owner.size, np.nan))[unowned] = pieces
-        state = _group_pieces(group, tables, state, result)
+        state = _group_pieces(group, tables, state, result, element_prior)
     shapes = {t.name: tab.shape[1:] for t, tab in zip(component.global_terms, global_tables)}
     for group, tables in zip(component.groups, group_tables):
         shapes.update({t.name: tab.shape[1:] for (t, _), tab in zip(group.terms, tables)})
     return {name: values.reshape(shapes[name]) for name, values in result.items()}
 
 
-def _group_pieces(group, tables, state, result) -> np.ndarray:
+def _group_pieces(group, tables, state, result, element_prior=None) -> np.ndarray:
     n_global = state.shape[0]
     n, n_group = group.n_elements, group.n_configs
     prior = np.zeros((n_global, n_group, n))
+    if element_prior is not None:
+        prior = prior + element_prior
     contributions, owners, slots = [], [], []
     for (term, owner), table in zip(group.terms, tables):
         flat_owner = owner.ravel()

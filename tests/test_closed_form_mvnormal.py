@@ -477,6 +477,6 @@ def test_unmatched_patterns_go_numeric(build, numeric_params):
 
     structure = analyze_model(build())
     inputs = ResponsibilityInputs.for_structure(structure)
-    updates = closed_form_updates(structure, inputs.log_q_global, inputs.log_w_groups)
+    updates = closed_form_updates(structure, inputs)
     claimed = {p.name for u in updates for p in u.params}
     assert not numeric_params & claimed

@@ -15,12 +15,16 @@ from pm_em.closed_form.base import ClosedFormContext, ClosedFormUpdate
 from pm_em.closed_form.counts import binomial_probability, exponential_rate, poisson_rate
 from pm_em.closed_form.mvnormal import mvnormal_covariance, mvnormal_mean
 from pm_em.closed_form.normal import normal_location, normal_precision, normal_scale
+from pm_em.closed_form.transitions import markov_initial, markov_transitions
 from pm_em.closed_form.weights import categorical_weights
+from pm_em.mstep import ResponsibilityInputs
 
 __all__ = ["RULES", "ClosedFormUpdate", "closed_form_updates"]
 
 #: The registry, in ECM order.
 RULES = [
+    markov_transitions,
+    markov_initial,
     categorical_weights,
     binomial_probability,
     normal_location,
@@ -34,23 +38,23 @@ RULES = [
 
 
 def closed_form_updates(
-    structure: ModelStructure, log_q_global, log_w_groups
+    structure: ModelStructure, responsibilities: ResponsibilityInputs
 ) -> list[ClosedFormUpdate]:
     """Every closed-form block of the M-step, in ECM order.
 
     Parameters
     ----------
     structure : ModelStructure
-    log_q_global, log_w_groups : list
-        The E-step's results per component, as graphs or input placeholders.
+    responsibilities : ResponsibilityInputs
+        The E-step's results per component, as input placeholders.
 
     Returns
     -------
     list of ClosedFormUpdate
         Their ``new_values`` are graphs of the parameters' value variables and of
-        ``log_q_global`` / ``log_w_groups``.
+        the responsibility inputs.
     """
-    ctx = ClosedFormContext(structure, log_q_global, log_w_groups)
+    ctx = ClosedFormContext(structure, responsibilities)
     updates = []
     for rule in RULES:
         for param in structure.params:

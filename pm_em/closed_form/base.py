@@ -19,11 +19,13 @@ from pytensor.graph.replace import graph_replace, vectorize_graph
 from pytensor.graph.traversal import ancestors
 
 from pm_em.analysis import ModelStructure, ParamSpec, Term
+from pm_em.chains import ChainSpec
 from pm_em.collapse import latent_mask, plan_collapse, vectorize_collapsed
 from pm_em.compile import evaluate_once
 from pm_em.latents import LatentSpec
+from pm_em.mstep import ResponsibilityInputs
 
-__all__ = ["ClosedFormContext", "ClosedFormUpdate", "Selection", "TermEntries"]
+__all__ = ["ChainUse", "ClosedFormContext", "ClosedFormUpdate", "Selection", "TermEntries"]
 
 # Two independent random draws must both be reproduced exactly by a selection.
 _SELECTION_TRIALS = 2
@@ -82,6 +84,24 @@ class TermEntries:
 
 
 @dataclass(frozen=True)
+class ChainUse:
+    """A Markov chain's own term seen through the E-step's results.
+
+    Attributes
+    ----------
+    chain : ChainSpec
+    transition_counts : Variable
+        Expected transition counts per sequence, ``(B, K, K)``.
+    log_initial_weights : Variable
+        Log posterior of each sequence's first state, ``(B, K)``.
+    """
+
+    chain: ChainSpec
+    transition_counts: Variable
+    log_initial_weights: Variable
+
+
+@dataclass(frozen=True)
 class Selection:
     """An expression that picks elements of some parameters (and constants).
 
@@ -113,12 +133,13 @@ class ClosedFormContext:
     Parameters
     ----------
     structure : ModelStructure
-    log_q_global, log_w_groups : list
-        Per component, the E-step's results as graphs (or input placeholders):
-        ``log q(g)`` ``(Kg,)`` and per element group ``log W`` ``(Kg, Ke, n)``.
+    responsibilities : ResponsibilityInputs
+        Per component, the E-step's results as input placeholders (or, with the same
+        attributes, as graphs): ``log q(g)`` ``(Kg,)``, per element group ``log W``
+        ``(Kg, Ke, n)``, and a chain's expected transition counts ``(B, K, K)``.
     """
 
-    def __init__(self, structure: ModelStructure, log_q_global, log_w_groups):
+    def __init__(self, structure: ModelStructure, responsibilities: ResponsibilityInputs):
         self.structure = structure
         self.model = structure.model
         self.params = {p.name: p for p in structure.params}
@@ -133,8 +154,16 @@ class ClosedFormContext:
             for j, group in enumerate(comp.groups):
                 for t, owner in group.terms:
                     self._placement[t.name] = (c, j, owner)
-        self._log_q = log_q_global
-        self._log_w = log_w_groups
+        self._log_q = responsibilities.log_q_global
+        self._log_w = responsibilities.log_w_groups
+        self._chains = {}
+        for c, comp in enumerate(structure.components):
+            if comp.chain is not None:
+                self._chains[comp.chain_term.name] = ChainUse(
+                    chain=comp.chain,
+                    transition_counts=responsibilities.transition_counts[c],
+                    log_initial_weights=_first_steps(self._log_w[c][0], comp.chain),
+                )
         self._users = {
             p.name: [
                 t for t in structure.terms if t.name != p.name and p.value in ancestors([t.logp])
@@ -163,6 +192,8 @@ class ClosedFormContext:
         latents are not enumerated on their own (joint latents, globals mixed with
         element latents, entries free of the latent)."""
         rv = self.rv_of(term)
+        if term.name in self._chains:
+            return None  # a chain's own term: see chain_use
         if not term.latents:
             shape = term.shape
             size = int(np.prod(shape, dtype=int))
@@ -184,6 +215,10 @@ class ClosedFormContext:
         if not (flat_owner.size == latent.size and (flat_owner == np.arange(latent.size)).all()):
             weights = weights[:, pt.constant(flat_owner)]
         return TermEntries(term, rv, weights, latent, owner.shape)
+
+    def chain_use(self, term: Term) -> ChainUse | None:
+        """For a Markov chain's own term: the chain and its expected counts."""
+        return self._chains.get(term.name)
 
     # -- graphs at the current point ---------------------------------------------
 
@@ -330,6 +365,14 @@ class ClosedFormContext:
             if not np.allclose(value, expected, rtol=1e-12, atol=1e-12):
                 return None
         return Selection(ids=ids, constants=constants, params=list(params))
+
+
+def _first_steps(log_w: Variable, chain: ChainSpec) -> Variable:
+    """A chain's ``log W`` ``(1, K, n)`` at the first step of each sequence, ``(B, K)``."""
+    # A reshape, not a strided slice: PyTensor 2.38's local_subtensor_of_expand_dims
+    # rewrite fails on ``w[0, :, ::T]`` of the fused graph.
+    per_sequence = log_w[0].reshape((chain.n_states, chain.n_sequences, chain.n_steps))
+    return per_sequence[:, :, 0].T
 
 
 def _per_configuration(graph: Variable, latent: LatentSpec) -> Variable:

@@ -36,6 +36,7 @@ from pytensor.tensor.random.basic import MvNormalRV
 from pytensor.tensor.slinalg import cholesky
 from pytensor.tensor.subtensor import AdvancedSubtensor, AdvancedSubtensor1
 
+from pm_em.chains import model_initial_point
 from pm_em.closed_form._priors import prior_family
 from pm_em.closed_form.base import ClosedFormUpdate, finite
 from pm_em.compile import evaluate_once
@@ -94,7 +95,7 @@ def _core_size(ctx, rv) -> int:
     if static is not None:
         return int(static)
     (graph,) = ctx.model.replace_rvs_by_values([rv.shape[-1]])
-    point = ctx.model.initial_point()
+    point = model_initial_point(ctx.model)
     inputs = ctx.model.value_vars
     (value,) = evaluate_once(inputs, [graph], [point[v.name] for v in inputs])
     return int(value)
