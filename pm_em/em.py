@@ -263,8 +263,11 @@ class EM:
         Returns
         -------
         LogResponsibilities
-            Latent name -> array shaped ``latent.shape + (n_support,)``; its
-            ``joint`` attribute holds the joint tables for :meth:`m_step`.
+            Latent name -> array shaped ``latent.shape + (n_support,)`` (for a Markov
+            chain: the log state marginals ``log p(s_t = k | data)``); its
+            ``transition_counts`` attribute maps each chain to its expected transition
+            counts ``(*batch, K, K)``, and ``joint`` holds the joint tables for
+            :meth:`m_step`.
         """
         return self._e_step_values(self.to_values(point))[1]
 

@@ -193,3 +193,28 @@ def test_emission_on_two_states_is_refused():
         pm.Normal("y", mu=s[1:] + s[:-1], sigma=1.0, observed=np.zeros(4))
     with pytest.raises(UnsupportedModelError, match="combines several elements"):
         pm_em.EM(model)
+
+
+def test_separate_chains_equal_a_batch(batch_fit):
+    """Sequences given as separate chain variables (how sequences of different
+    lengths are declared) fit exactly as the same sequences batched."""
+    _, y, batched = batch_fit
+    with pm.Model(coords={"state": range(N_STATES)}) as model:
+        P = pm.Dirichlet("P", a=np.full((N_STATES, N_STATES), 2.0) + 3 * np.eye(N_STATES))
+        pi = pm.Dirichlet("pi", a=np.full(N_STATES, 2.0), dims="state")
+        mu = pm.Normal("mu", 0.0, 5.0, dims="state")
+        sigma = pm.InverseGamma("sigma", 3.0, 2.0, dims="state")
+        for b, sequence in enumerate(y):
+            s = pmx.DiscreteMarkovChain(
+                f"s{b}", P=P, init_dist=pm.Categorical.dist(p=pi), shape=len(sequence)
+            )
+            pm.Normal(f"y{b}", mu=mu[s], sigma=sigma[s], observed=sequence)
+    start = {"mu": np.array([-1.0, 0.1, 1.0]), "sigma": np.ones(N_STATES)}
+    separate = pm_em.find_MAP(model, initvals=start, tol=1e-12, progressbar=False)
+    for name in ("P", "pi", "mu", "sigma"):
+        np.testing.assert_allclose(
+            separate.posterior[name].values, batched.posterior[name].values, rtol=1e-5
+        )
+    np.testing.assert_allclose(
+        separate.em_stats["logp"].values[-1], batched.em_stats["logp"].values[-1], rtol=1e-10
+    )
