@@ -333,8 +333,10 @@ def _constrained_shapes(model, point) -> list[tuple[int, ...]]:
 def _terms(model, latent_rvs) -> list[Term]:
     terms = []
     latent_set = set(latent_rvs)
-    for var in model.basic_RVs + model.potentials:
-        (logp,) = model.logp(vars=[var], jacobian=False, sum=False)
+    variables = model.basic_RVs + model.potentials
+    # One call for all terms: each call rewrites the whole log-probability graph.
+    logps = model.logp(vars=variables, jacobian=False, sum=False)
+    for var, logp in zip(variables, logps):
         if var in model.potentials:
             kind = "potential"
         elif var in model.observed_RVs:
