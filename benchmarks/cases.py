@@ -1,8 +1,9 @@
 """The benchmark problems: data, common start, NumPy EM pieces and PyMC models.
 
 Each `Case` knows how to simulate its data, the start every method begins from, the
-log-space E-step table and the closed-form M-step of its textbook EM, and how to
-build the PyMC model that pm_em (and, after marginalizing ``z``, pymc-extras) fits.
+E-step (for mixtures a log-space table; for the hidden Markov model a forward-backward
+pass) and the closed-form M-step of its textbook EM, and how to build the PyMC model
+that pm_em (and, after marginalizing ``z``, pymc-extras) fits.
 All models have flat priors (a Dirichlet of ones on the weights, ``Flat`` /
 ``HalfFlat`` / ``Uniform(0, 1)`` on the rest) and both PyMC-based peers maximize the
 log-density without Jacobian terms, so every method's target is the maximum-likelihood
@@ -43,10 +44,12 @@ class Case:
         ``simulate(n, seed)`` returns the data, first axis over observations.
     start : dict of str to numpy.ndarray
         Common start, in the NumPy parameterization (``log_joint``'s).
-    log_joint : callable
-        ``log_joint(x, params)`` returns the ``(n, K)`` table ``log p(x_i, z_i = k)``.
+    log_joint : callable or None
+        ``log_joint(x, params)`` returns the ``(n, K)`` table ``log p(x_i, z_i = k)`` of
+        a mixture; ``None`` when ``posterior_stats`` gives the E-step instead.
     m_step : callable
-        ``m_step(x, resp)`` returns the closed-form M-step.
+        ``m_step(x, stats)`` returns the closed-form M-step from the E-step's
+        statistics (a mixture's responsibilities, shape ``(n, K)``).
     canonical : callable
         Puts components in a canonical order (mixtures can switch labels).
     build_model : callable
@@ -63,6 +66,15 @@ class Case:
         Fitted ``GaussianMixture`` to parameters.
     peers : tuple of str
         The methods measured on this case.
+    posterior_stats : callable or None
+        ``posterior_stats(x, params)`` returns ``(loglik, stats)``: the observed-data
+        log-likelihood and what ``m_step`` consumes. ``None`` for mixtures, whose
+        E-step normalizes ``log_joint``.
+    hmmlearn : callable or None
+        ``hmmlearn(tol, max_iter)`` returns an unfitted hmmlearn model set to the
+        start, unregularized; ``None`` when hmmlearn has no such model.
+    from_hmmlearn : callable or None
+        Fitted hmmlearn model to parameters.
     """
 
     key: str
@@ -70,8 +82,8 @@ class Case:
     d: int
     simulate: Callable[[int, int], np.ndarray]
     start: Params
-    log_joint: Callable[[np.ndarray, Params], np.ndarray]
-    m_step: Callable[[np.ndarray, np.ndarray], Params]
+    log_joint: Callable[[np.ndarray, Params], np.ndarray] | None
+    m_step: Callable[[np.ndarray, Any], Params]
     canonical: Callable[[Params], Params]
     build_model: Callable[[np.ndarray], Any]
     initvals: Callable[[Params], Params]
@@ -79,11 +91,20 @@ class Case:
     sklearn: dict[str, Any] | None
     from_sklearn: Callable[[Any], Params] | None
     peers: tuple[str, ...]
+    posterior_stats: Callable[[np.ndarray, Params], tuple[float, Any]] | None = None
+    hmmlearn: Callable[[float, int], Any] | None = None
+    from_hmmlearn: Callable[[Any], Params] | None = None
+
+    def e_step(self, x: np.ndarray, params: Params) -> tuple[float, Any]:
+        """The textbook E-step: observed-data log-likelihood and ``m_step``'s input."""
+        if self.posterior_stats is not None:
+            return self.posterior_stats(x, params)
+        log_norm, resp = log_normalize(self.log_joint(x, params))
+        return float(log_norm.sum()), resp
 
     def loglik(self, x: np.ndarray, params: Params) -> float:
         """Observed-data log-likelihood of ``params``: one function for every method."""
-        log_norm, _ = log_normalize(self.log_joint(x, params))
-        return float(log_norm.sum())
+        return self.e_step(x, params)[0]
 
 
 def log_normalize(log_joint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -371,4 +392,174 @@ ZIP = Case(
     peers=("numpy", "pm_em"),
 )
 
-CASES = {case.key: case for case in (GMM1D, MVGMM, ZIP)}
+
+# --- 3-state Gaussian hidden Markov model -------------------------------------------
+# Sticky regimes with overlapping emissions: P's diagonal 0.9, 0.9, 0.7; means -2, 0,
+# 2.5 with standard deviations 0.8, 0.6, 1.0 (neighbouring states overlap by about
+# 10 %). The start has distinct means, unit spreads, diagonal 0.8.
+
+HMM_K = 3
+HMM_P = np.array([[0.90, 0.05, 0.05], [0.05, 0.90, 0.05], [0.10, 0.20, 0.70]])
+HMM_PI = np.array([0.5, 0.3, 0.2])
+HMM_MU = np.array([-2.0, 0.0, 2.5])
+HMM_SIGMA = np.array([0.8, 0.6, 1.0])
+
+
+def hmm_simulate(n: int, seed: int) -> np.ndarray:
+    """One sequence of ``n`` observations, shape (n,)."""
+    rng = np.random.default_rng(seed)
+    cumulative = np.cumsum(HMM_P, axis=1).tolist()
+    uniforms = rng.random(n).tolist()
+    states = np.empty(n, dtype=int)
+    state = int(np.searchsorted(np.cumsum(HMM_PI), uniforms[0]))
+    for t in range(n):
+        if t:
+            row = cumulative[state]
+            state = 0 if uniforms[t] < row[0] else 1 if uniforms[t] < row[1] else 2
+        states[t] = state
+    return rng.normal(HMM_MU[states], HMM_SIGMA[states])
+
+
+def hmm_posterior_stats(x: np.ndarray, params: Params) -> tuple[float, tuple]:
+    """Forward-backward with per-step normalization (Rabiner's scaling).
+
+    The emission densities are shifted by their largest log-density at each step
+    before ``exp`` (the same max shift as the mixtures' log-sum-exp), and the forward
+    messages are normalized at every step, so nothing under- or overflows; the
+    normalizers and shifts add up to the log-likelihood. The recursions are loops over
+    time in Python (each step a few NumPy calls on length-3 vectors); the expected
+    transition counts are one matrix product over all steps.
+
+    Returns
+    -------
+    loglik : float
+    stats : tuple
+        ``(gamma, transition_counts)``: state probabilities ``(n, 3)`` and expected
+        ``i -> j`` moves ``(3, 3)``.
+    """
+    P, pi = params["P"], params["pi"]
+    standardized = (x[:, None] - params["mu"]) / params["sigma"]
+    log_density = -0.5 * (LOG_2PI + standardized**2) - np.log(params["sigma"])
+    shift = log_density.max(axis=1)
+    density = np.exp(log_density - shift[:, None])
+    n_steps = len(x)
+    filtered = np.empty((n_steps, HMM_K))
+    normalizer = np.empty(n_steps)
+    message = pi * density[0]
+    for t in range(n_steps):
+        if t:
+            message = (filtered[t - 1] @ P) * density[t]
+        normalizer[t] = message.sum()
+        filtered[t] = message / normalizer[t]
+    backward = np.empty((n_steps, HMM_K))
+    backward[-1] = 1.0
+    for t in range(n_steps - 2, -1, -1):
+        backward[t] = P @ (density[t + 1] * backward[t + 1]) / normalizer[t + 1]
+    gamma = filtered * backward
+    ahead = density[1:] * backward[1:] / normalizer[1:, None]
+    transition_counts = P * (filtered[:-1].T @ ahead)
+    loglik = float(np.log(normalizer).sum() + shift.sum())
+    return loglik, (gamma, transition_counts)
+
+
+def hmm_m_step(x: np.ndarray, stats: tuple) -> Params:
+    """Baum-Welch: normalized expected counts, weighted means and spreads."""
+    gamma, transition_counts = stats
+    occupancy = gamma.sum(axis=0)
+    mu = x @ gamma / occupancy
+    variance = np.einsum("nk,nk->k", gamma, (x[:, None] - mu) ** 2) / occupancy
+    return {
+        "P": transition_counts / transition_counts.sum(axis=1, keepdims=True),
+        "pi": gamma[0] / gamma[0].sum(),
+        "mu": mu,
+        "sigma": np.sqrt(variance),
+    }
+
+
+def hmm_canonical(params: Params) -> Params:
+    """States sorted by mean: ``P``'s rows and columns permuted together."""
+    order = np.argsort(params["mu"])
+    return {
+        "P": np.asarray(params["P"])[np.ix_(order, order)],
+        **{name: np.asarray(params[name])[order] for name in ("pi", "mu", "sigma")},
+    }
+
+
+def hmm_model(x: np.ndarray):
+    """``pymc_extras.DiscreteMarkovChain`` latent with Gaussian emissions, flat priors.
+
+    ``shape=(n,)`` makes a chain of ``n`` states (``n - 1`` transitions).
+    """
+    import pymc as pm
+    import pymc_extras as pmx
+
+    with pm.Model() as model:
+        P = pm.Dirichlet("P", np.ones((HMM_K, HMM_K)))
+        pi = pm.Dirichlet("pi", np.ones(HMM_K))
+        mu = pm.Flat("mu", shape=HMM_K)
+        sigma = pm.HalfFlat("sigma", shape=HMM_K)
+        s = pmx.DiscreteMarkovChain("s", P=P, init_dist=pm.Categorical.dist(p=pi), shape=x.shape[0])
+        pm.Normal("x", mu[s], sigma[s], observed=x)
+    return model
+
+
+HMM_START = {
+    "P": np.full((HMM_K, HMM_K), 0.1) + 0.7 * np.eye(HMM_K),
+    "pi": np.full(HMM_K, 1.0 / HMM_K),
+    "mu": np.array([-1.0, 0.5, 1.5]),
+    "sigma": np.ones(HMM_K),
+}
+
+
+def hmm_hmmlearn(tol: float, max_iter: int):
+    """hmmlearn's ``GaussianHMM`` at the start, unregularized.
+
+    ``covars_prior=0`` (its default 1e-2 is added to every variance), ``init_params=""``
+    so that nothing is re-initialized, ``covars_`` set as variances. ``tol`` is absolute
+    on the total log-likelihood.
+    """
+    from hmmlearn.hmm import GaussianHMM
+
+    model = GaussianHMM(
+        HMM_K,
+        covariance_type="diag",
+        covars_prior=0.0,
+        covars_weight=1.0,
+        init_params="",
+        params="stmc",
+        n_iter=max_iter,
+        tol=tol,
+    )
+    model.startprob_ = HMM_START["pi"]
+    model.transmat_ = HMM_START["P"]
+    model.means_ = HMM_START["mu"][:, None]
+    model.covars_ = HMM_START["sigma"][:, None] ** 2
+    return model
+
+
+HMM = Case(
+    key="hmm",
+    title="3-state Gaussian HMM",
+    d=1,
+    simulate=hmm_simulate,
+    start=HMM_START,
+    log_joint=None,
+    m_step=hmm_m_step,
+    canonical=hmm_canonical,
+    build_model=hmm_model,
+    initvals=lambda start: dict(start),
+    from_posterior=lambda get: {name: get(name) for name in ("P", "pi", "mu", "sigma")},
+    sklearn=None,
+    from_sklearn=None,
+    peers=("numpy", "hmmlearn", "pm_em"),
+    posterior_stats=hmm_posterior_stats,
+    hmmlearn=hmm_hmmlearn,
+    from_hmmlearn=lambda model: {
+        "P": model.transmat_,
+        "pi": model.startprob_,
+        "mu": model.means_[:, 0],
+        "sigma": np.sqrt(model.covars_[:, 0, 0]),  # covars_ are variances
+    },
+)
+
+CASES = {case.key: case for case in (GMM1D, MVGMM, ZIP, HMM)}

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from cases import Case, Params, log_normalize
+from cases import Case, Params
 
-PEERS = ("numpy", "sklearn", "pm_em", "pymc-extras")
+PEERS = ("numpy", "sklearn", "hmmlearn", "pm_em", "pymc-extras")
 
 #: Methods that compile PyTensor code, so have a cold start worth measuring.
 COMPILING = ("pm_em", "pymc-extras")
@@ -74,6 +74,7 @@ def make_fit(
     builders = {
         "numpy": _numpy,
         "sklearn": _sklearn,
+        "hmmlearn": _hmmlearn,
         "pm_em": _pm_em,
         "pymc-extras": _pymc_extras,
     }
@@ -92,12 +93,11 @@ def _numpy(case: Case, x: np.ndarray, tol: float, max_iter: int, seed: int) -> C
 
     def fit() -> Fit:
         params = case.start
-        log_norm, resp = log_normalize(case.log_joint(x, params))
-        loglik = float(log_norm.sum())
+        loglik, stats = case.e_step(x, params)
         for iteration in range(1, max_iter + 1):
-            params = case.m_step(x, resp)
-            log_norm, resp = log_normalize(case.log_joint(x, params))
-            previous, loglik = loglik, float(log_norm.sum())
+            params = case.m_step(x, stats)
+            previous = loglik
+            loglik, stats = case.e_step(x, params)
             if abs(loglik - previous) / n_elements < tol:
                 return Fit(case.canonical(params), iteration, True, {"reported": loglik})
         return Fit(case.canonical(params), max_iter, False, {"reported": loglik})
@@ -135,6 +135,35 @@ def _sklearn(case: Case, x: np.ndarray, tol: float, max_iter: int, seed: int) ->
             int(gm.n_iter_),
             bool(gm.converged_),
             {"reported": float(gm.lower_bound_) * X.shape[0], "warnings": _messages(caught)},
+        )
+
+    return fit
+
+
+def _hmmlearn(case: Case, x: np.ndarray, tol: float, max_iter: int, seed: int) -> Callable[[], Fit]:
+    """hmmlearn's Baum-Welch from the common start.
+
+    Its ``tol`` bounds the change of the *total* log-likelihood, so it gets ``tol * N``
+    for ``N`` observed elements: pm_em's rule. Like scikit-learn, each of its
+    iterations is E-step, M-step, test, so it returns parameters one M-step past the
+    log-likelihoods it compared, and its ``monitor_.iter`` counts one more. Its own
+    ``monitor_.converged`` is also true when ``n_iter`` runs out, so convergence is
+    read from its history instead.
+    """
+    X = x.reshape(x.shape[0], -1)
+    tol_total = tol * x.size
+
+    def fit() -> Fit:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = case.hmmlearn(tol_total, max_iter).fit(X)
+        history = list(model.monitor_.history)
+        converged = len(history) >= 2 and history[-1] - history[-2] < tol_total
+        return Fit(
+            case.canonical(case.from_hmmlearn(model)),
+            int(model.monitor_.iter),
+            bool(converged),
+            {"reported": float(history[-1]), "warnings": _messages(caught)},
         )
 
     return fit

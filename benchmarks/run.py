@@ -56,6 +56,7 @@ FULL_PLAN = [
     Planned("gmm1d", 1_000_000),
     Planned("mvgmm2d", 100_000),
     Planned("zip", 100_000),
+    Planned("hmm", 100_000),
 ]
 QUICK_PLAN = [
     Planned("gmm1d", 1_000),
@@ -69,11 +70,13 @@ QUICK_PLAN = [
         "minutes even at n = 2,000 (the full run measures it)",
     ),
     Planned("zip", 10_000, cold=False),
+    Planned("hmm", 10_000, cold=False),
 ]
 
 PEER_LABELS = {
     "numpy": "NumPy EM",
     "sklearn": "scikit-learn",
+    "hmmlearn": "hmmlearn",
     "pm_em": "pm_em",
     "pymc-extras": "pymc-extras",
 }
@@ -470,12 +473,13 @@ def results_table(rows: list[Measurement], args: argparse.Namespace) -> str:
     header = (
         "| case | n | method | cold s | 1st call, warm cache s | warm fit s | iters | "
         "peak MB traced / RSS | log-likelihood | Δ/elem vs NumPy | same optimum | "
-        "warm / sklearn | cold / pymc-extras |"
+        "warm / sklearn or hmmlearn | cold / pymc-extras |"
     )
     lines = [header, _rule(header)]
     for r in rows:
         case = CASES[r.case]
-        sk = _by(rows, r.case, r.n, "sklearn")
+        # The library that fits this case outside PyMC (at most one of the two does).
+        sk = _by(rows, r.case, r.n, "sklearn") or _by(rows, r.case, r.n, "hmmlearn")
         pmx = _by(rows, r.case, r.n, "pymc-extras")
         warm = r.warm_s
         if r.status != "ok":
@@ -486,7 +490,7 @@ def results_table(rows: list[Measurement], args: argparse.Namespace) -> str:
             warm_text = _fmt_s(warm)
         vs_sk = (
             warm / sk.warm_s
-            if warm is not None and sk is not None and sk.warm_s and r.peer != "sklearn"
+            if warm is not None and sk is not None and sk.warm_s and r.peer != sk.peer
             else None
         )
         vs_pmx = (
@@ -589,7 +593,8 @@ def environment() -> dict[str, Any]:
     import pytensor
 
     versions = {}
-    for package in ("numpy", "scipy", "scikit-learn", "pymc", "pytensor", "pymc-extras"):
+    packages = ("numpy", "scipy", "scikit-learn", "hmmlearn", "pymc", "pytensor", "pymc-extras")
+    for package in packages:
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -648,7 +653,7 @@ def report(rows: list[Measurement], args: argparse.Namespace, env: dict[str, Any
         f"Load average (1 min) at start {env['load_average_at_start'][0]:.1f}, at end "
         f"{os.getloadavg()[0]:.1f}: other work on the machine slows every method.",
         f"tol: pm_em {args.tol:g} per observed element; NumPy EM the same rule; "
-        f"scikit-learn tol·d; pymc-extras L-BFGS-B ftol = tol·N/|logp(start)|, "
+        f"scikit-learn tol·d; hmmlearn tol·N; pymc-extras L-BFGS-B ftol = tol·N/|logp(start)|, "
         f"gtol = tol·N. Same optimum: |Δ log-likelihood| / N ≤ {args.ll_tol:g}. "
         f"Warm fit: median of {args.repeats} (1 when the first call took over "
         f"{SLOW_FIRST_CALL_S:g} s). Budget: {args.max_seconds:g} s per call.",
