@@ -2,6 +2,12 @@
 
 from pm_em.api import find_MAP
 from pm_em.em import EM
-from pm_em.errors import EMConvergenceWarning, UnsupportedModelError
+from pm_em.errors import DegenerateSolutionWarning, EMConvergenceWarning, UnsupportedModelError
 
-__all__ = ["EM", "EMConvergenceWarning", "UnsupportedModelError", "find_MAP"]
+__all__ = [
+    "EM",
+    "DegenerateSolutionWarning",
+    "EMConvergenceWarning",
+    "UnsupportedModelError",
+    "find_MAP",
+]

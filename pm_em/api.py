@@ -14,11 +14,15 @@ from pm_em.em import EM, cached_routine
 from pm_em.inference_data import build_inference_data
 from pm_em.loop import run_em
 from pm_em.progress import progress_reporter
+from pm_em.starts import start_points
+
+#: Accepted values of ``accelerate``.
+ACCELERATIONS = (None, "squarem")
 
 __all__ = ["find_MAP"]
 
 
-def _check_options(tol, max_iter, blas_cores=None) -> None:
+def _check_options(tol, max_iter, blas_cores=None, n_init=1, accelerate=None) -> None:
     if not (isinstance(tol, int | float) and np.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive finite number, got {tol!r}.")
     if not (isinstance(max_iter, int | np.integer) and max_iter >= 1):
@@ -27,14 +31,19 @@ def _check_options(tol, max_iter, blas_cores=None) -> None:
         isinstance(blas_cores, int | np.integer) and blas_cores >= 1
     ):
         raise ValueError(f"blas_cores must be None or an integer >= 1, got {blas_cores!r}.")
+    if not (isinstance(n_init, int | np.integer) and n_init >= 1):
+        raise ValueError(f"n_init must be an integer >= 1, got {n_init!r}.")
+    if accelerate not in ACCELERATIONS:
+        raise ValueError(f"accelerate must be one of {ACCELERATIONS}, got {accelerate!r}.")
 
 
-def _start(em: EM, initvals: Mapping | None, random_seed) -> dict[str, np.ndarray]:
-    point = em.initial_point(random_seed=random_seed)
-    if not initvals:
+def _apply_values(em: EM, point: dict, values: Mapping | None, label: str) -> dict:
+    """``point`` with some parameters set by the user (``initvals`` or ``init``)."""
+    if not values:
         return point
     names = {p.name for p in em.params}
-    for name, value in initvals.items():
+    point = dict(point)
+    for name, value in values.items():
         if name not in names:
             latent = {lat.name for lat in em.latents}
             why = (
@@ -42,12 +51,22 @@ def _start(em: EM, initvals: Mapping | None, random_seed) -> dict[str, np.ndarra
                 if name in latent
                 else ("it is not a continuous free variable of the model")
             )
-            raise ValueError(f"initvals['{name}']: {why}. Parameters: {sorted(names)}.")
+            raise ValueError(f"{label}['{name}']: {why}. Parameters: {sorted(names)}.")
         value = np.asarray(value, dtype=float)
         if not np.all(np.isfinite(value)):
-            raise ValueError(f"initvals['{name}'] contains NaN or inf: {value}.")
+            raise ValueError(f"{label}['{name}'] contains NaN or inf: {value}.")
         point[name] = value
     return point
+
+
+def _best_restart(histories) -> int:
+    """The start with the highest final log-posterior among those that did not
+    collapse (among all, if every one did)."""
+    finals = np.array([h.logp[-1] if h.logp else -np.inf for h in histories], dtype=float)
+    finals = np.where(np.isnan(finals), -np.inf, finals)
+    sound = np.array([h.collapse is None for h in histories])
+    candidates = np.where(sound, finals, -np.inf) if sound.any() else finals
+    return int(np.argmax(candidates))
 
 
 def find_MAP(
@@ -55,6 +74,9 @@ def find_MAP(
     *,
     latent_vars=None,
     initvals=None,
+    init="auto",
+    n_init: int = 1,
+    accelerate: str | None = None,
     tol: float = 1e-8,
     max_iter: int = 1000,
     random_seed=None,
@@ -77,17 +99,39 @@ def find_MAP(
     latent_vars : list of str, optional
         Names of the latents; by default every discrete free variable.
     initvals : dict, optional
-        Start values (constrained space) for some or all continuous free variables;
-        the others start at the model's initial point, jittered.
+        Start values (constrained space) for some or all continuous free variables,
+        applied to every start on top of ``init``.
+    init : {"auto", "jitter", "prior", "kmeans"} or dict, default "auto"
+        How each start is chosen. ``"jitter"``: the model's initial point with a
+        uniform(-1, 1) jitter on the unconstrained space (it breaks the symmetry
+        of the default point, where all components are equal). ``"prior"``: a draw
+        from the prior of the continuous variables (Flat ones jittered).
+        ``"kmeans"``: k-means++ seeding and a few Lloyd iterations on the data for
+        every location parameter indexed by a latent directly on observed data (the
+        ``mu`` of ``x ~ Normal(mu[z], ...)`` or ``MvNormal(mu[z], ...)``), jitter for
+        the other parameters. A dict: those values, jitter for the rest. ``"auto"``
+        is ``"kmeans"`` when the model has such a location parameter, ``"jitter"``
+        otherwise.
+    n_init : int, default 1
+        Number of starts, each seeded from ``random_seed`` (one seed per start, as
+        PyMC seeds chains). The start with the highest observed-data log-posterior
+        wins; starts stopped at a degenerate solution are skipped.
+    accelerate : {None, "squarem"}, default None
+        ``"squarem"``: SQUAREM (Varadhan & Roland, 2008) extrapolation on the
+        unconstrained space, with a step-length safeguard and a fall-back to plain
+        EM steps whenever the log-posterior would decrease, so it stays monotone.
+        One iteration is then a cycle of three EM maps.
     tol : float, default 1e-8
         Stop when the change of the observed-data log-posterior, per observation,
         falls below ``tol``.
     max_iter : int, default 1000
-        Maximum number of EM iterations; reaching it warns (EMConvergenceWarning).
-    random_seed : int or np.random.Generator, optional
-        Seeds the jitter of the start.
+        Maximum number of iterations per start; reaching it warns
+        (EMConvergenceWarning).
+    random_seed : int, sequence or np.random.Generator, optional
+        Seeds the starts.
     progressbar : bool, default True
-        Show a progress bar with the current log-posterior.
+        Show one progress bar across starts and iterations, with the current and
+        the best log-posterior.
     compile_kwargs : dict, optional
         Passed to :func:`pytensor.function`.
     blas_cores : int or None, default 1
@@ -101,10 +145,15 @@ def find_MAP(
     az.InferenceData
         ``posterior``: each continuous free variable and Deterministic at the MAP,
         dims ``(chain=1, draw=1, *dims)``; for each latent ``z``, ``z`` (most
-        probable value per element) and ``lp_z`` (log responsibilities, trailing
-        dim ``lp_z_dim`` over the support values). ``log_likelihood``: pointwise
-        observed-data log-likelihood, latents summed out. ``em_stats``: ``logp`` per
-        iteration, ``n_iter``, ``converged`` (``tol`` and ``max_iter`` in attrs).
+        probable value per element; the Viterbi path for a Markov chain) and
+        ``lp_z`` (log responsibilities, trailing dim ``lp_z_dim`` over the support
+        values). ``log_likelihood``: pointwise observed-data log-likelihood, latents
+        summed out. ``em_stats``: the winning start's ``logp`` per iteration,
+        ``n_iter``, ``n_e_steps`` (E-step evaluations) and ``converged``; every
+        start's along dim ``restart`` as ``restart_logp`` (NaN-padded),
+        ``restart_n_iter``, ``restart_n_e_steps``, ``restart_converged`` and
+        ``restart_degenerate``; in its attrs the winning start's index
+        (``best_restart``), ``tol``, ``max_iter``, ``init`` and ``accelerate``.
         ``observed_data`` and ``constant_data`` as PyMC writes them.
 
     Raises
@@ -115,6 +164,14 @@ def find_MAP(
     ValueError
         For invalid options or start values.
 
+    Warns
+    -----
+    EMConvergenceWarning
+        When a start reaches ``max_iter`` before converging.
+    DegenerateSolutionWarning
+        When a start collapses (a scale running to 0: the log-posterior is unbounded
+        there) or leaves a component empty.
+
     Examples
     --------
     >>> with pm.Model() as model:  # doctest: +SKIP
@@ -122,19 +179,42 @@ def find_MAP(
     ...     mu = pm.Normal("mu", 0, 10, shape=2)
     ...     z = pm.Categorical("z", p=w, shape=len(x))
     ...     pm.Normal("x", mu=mu[z], sigma=1, observed=x)
-    ...     idata = pm_em.find_MAP(random_seed=1)
+    ...     idata = pm_em.find_MAP(n_init=5, accelerate="squarem", random_seed=1)
     """
     model = pm.modelcontext(model)
-    _check_options(tol, max_iter, blas_cores)
+    _check_options(tol, max_iter, blas_cores, n_init, accelerate)
     em = cached_routine(model, latent_vars, compile_kwargs)
-    start = em.to_values(_start(em, initvals, random_seed))
+    starts = start_points(em, init, n_init, random_seed)
+    if isinstance(init, Mapping):
+        starts = [_apply_values(em, point, init, "init") for point in starts]
+    starts = [_apply_values(em, point, initvals, "initvals") for point in starts]
     limits = threadpool_limits(limits=blas_cores) if blas_cores is not None else nullcontext()
-    with limits, progress_reporter(progressbar, max_iter) as progress:
-        state, history = run_em(em, start, tol=tol, max_iter=max_iter, progress=progress)
+    states, histories = [], []
+    with limits, progress_reporter(progressbar, max_iter, n_init) as progress:
+        for restart, point in enumerate(starts):
+            if progress is not None:
+                progress.start(restart)
+            state, history = run_em(
+                em,
+                em.to_values(point),
+                tol=tol,
+                max_iter=max_iter,
+                accelerate=accelerate,
+                progress=progress,
+            )
+            if progress is not None:
+                progress.finish(history.logp[-1])
+            states.append(state)
+            histories.append(history)
+    best = _best_restart(histories)
+    state = states[best]
     if not np.isfinite(state.logp):
         raise ValueError(
             "The observed-data log-posterior is not finite at the start "
             f"({state.logp}); some observation is impossible under every latent value, "
             "or a start value is outside its prior's support. Check the data and initvals."
         )
-    return build_inference_data(em, em.finish(state, history), tol=tol, max_iter=max_iter)
+    result = em.finish(state, histories[best])
+    result.restarts, result.best_restart = histories, best
+    options = {"init": init if isinstance(init, str) else "values", "accelerate": str(accelerate)}
+    return build_inference_data(em, result, tol=tol, max_iter=max_iter, options=options)

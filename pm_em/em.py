@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pymc as pm
@@ -15,7 +15,7 @@ from pm_em.analysis import analyze_model
 from pm_em.chains import model_initial_point
 from pm_em.compile import compile_function
 from pm_em.graphs import build_em_graphs
-from pm_em.loop import EMHistory, EMState
+from pm_em.loop import EMHistory, EMState, run_em
 from pm_em.mstep import join_flat, split_flat
 from pm_em.pointwise import pointwise_loglik
 
@@ -118,6 +118,9 @@ class FitResult:
     pointwise: dict[str, np.ndarray]
     logp: float
     history: EMHistory
+    #: Every start's history (the fit's own alone when there was one start).
+    restarts: list[EMHistory] = field(default_factory=list)
+    best_restart: int = 0
 
 
 class EM:
@@ -406,6 +409,39 @@ class EM:
         for p, i in zip(numeric, self._numeric_index):
             new[i] = solved[p.value.name]
         return new
+
+    def run(
+        self,
+        point: Mapping[str, np.ndarray],
+        *,
+        tol: float = 1e-8,
+        max_iter: int = 1000,
+        accelerate: str | None = None,
+    ) -> tuple[dict[str, np.ndarray], EMHistory]:
+        """Iterate from ``point`` to convergence (what :func:`pm_em.find_MAP` does for
+        each start).
+
+        Parameters
+        ----------
+        point : dict
+            Start, constrained space.
+        tol, max_iter
+            As in :func:`pm_em.find_MAP`.
+        accelerate : {None, "squarem"}
+            ``"squarem"``: SQUAREM cycles instead of single EM steps (monotone).
+
+        Returns
+        -------
+        point : dict
+            The last point (constrained space).
+        history : EMHistory
+            ``logp`` per iteration, ``n_e_steps``, ``converged``, and ``collapse``
+            when the run stopped at a degenerate solution.
+        """
+        state, history = run_em(
+            self, self.to_values(point), tol=tol, max_iter=max_iter, accelerate=accelerate
+        )
+        return self.to_point(state.values), history
 
     def logp(self, point: Mapping[str, np.ndarray]) -> float:
         """Observed-data log-posterior at ``point``: latents summed out, priors

@@ -16,3 +16,14 @@ class EMConvergenceWarning(UserWarning):
     log-posterior falls below ``tol``, or when the log-posterior decreases by
     more than rounding error (which signals a bug or an ill-posed M-step).
     """
+
+
+class DegenerateSolutionWarning(UserWarning):
+    """EM ran into a degenerate solution.
+
+    Either a positive parameter collapsed toward 0 (or infinity) along a path where
+    the log-posterior grows without bound, e.g. a mixture component shrinking onto
+    one observation (the start is stopped there, and restarts skip it), or a
+    component's expected count fell to ~0 (a bounded mode on the boundary; reported
+    only).
+    """

@@ -51,15 +51,33 @@ def _log_likelihood(em, pointwise) -> xr.Dataset:
     return az.dict_to_dataset(data, library=pm, coords=_coords(model), dims=dims)
 
 
-def _em_stats(history, tol, max_iter) -> xr.Dataset:
+def _em_stats(histories, best, tol, max_iter, options) -> xr.Dataset:
+    """The winning start's run (``logp`` per iteration, ``n_iter``, ``n_e_steps``,
+    ``converged``), and every start's along ``restart`` (``restart_*``, ``logp``
+    NaN-padded to the longest run)."""
+    winner = histories[best]
+    length = max(len(h.logp) for h in histories)
+    restart_logp = np.full((len(histories), length), np.nan)
+    for r, history in enumerate(histories):
+        restart_logp[r, : len(history.logp)] = history.logp
     return xr.Dataset(
         {
-            "logp": ("iteration", np.asarray(history.logp)),
-            "n_iter": history.n_iter,
-            "converged": history.converged,
+            "logp": ("iteration", np.asarray(winner.logp)),
+            "n_iter": winner.n_iter,
+            "n_e_steps": winner.n_e_steps,
+            "converged": winner.converged,
+            "restart_logp": (("restart", "restart_iteration"), restart_logp),
+            "restart_n_iter": ("restart", [h.n_iter for h in histories]),
+            "restart_n_e_steps": ("restart", [h.n_e_steps for h in histories]),
+            "restart_converged": ("restart", [h.converged for h in histories]),
+            "restart_degenerate": ("restart", [h.collapse is not None for h in histories]),
         },
-        coords={"iteration": np.arange(len(history.logp))},
-        attrs={"tol": tol, "max_iter": max_iter},
+        coords={
+            "iteration": np.arange(len(winner.logp)),
+            "restart": np.arange(len(histories)),
+            "restart_iteration": np.arange(length),
+        },
+        attrs={"tol": tol, "max_iter": max_iter, "best_restart": best, **options},
     )
 
 
@@ -70,7 +88,7 @@ def _data_group(model, values: dict) -> xr.Dataset | None:
     return az.dict_to_dataset(values, library=pm, coords=_coords(model), dims=dims, default_dims=[])
 
 
-def build_inference_data(em, result, *, tol, max_iter) -> az.InferenceData:
+def build_inference_data(em, result, *, tol, max_iter, options=None) -> az.InferenceData:
     """The InferenceData of a fit.
 
     Parameters
@@ -80,6 +98,8 @@ def build_inference_data(em, result, *, tol, max_iter) -> az.InferenceData:
         The converged point, responsibilities, pointwise log-likelihood, history.
     tol, max_iter : float, int
         Recorded in ``em_stats.attrs``.
+    options : dict, optional
+        Other options to record there (``init``, ``accelerate``).
 
     Returns
     -------
@@ -93,7 +113,9 @@ def build_inference_data(em, result, *, tol, max_iter) -> az.InferenceData:
             em, result.point, result.deterministics, result.labels, result.log_resp
         ),
         "log_likelihood": _log_likelihood(em, result.pointwise),
-        "em_stats": _em_stats(result.history, tol, max_iter),
+        "em_stats": _em_stats(
+            result.restarts or [result.history], result.best_restart, tol, max_iter, options or {}
+        ),
     }
     observed = _data_group(model, find_observations(model))
     if observed is not None:

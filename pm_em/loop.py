@@ -9,7 +9,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pm_em.errors import EMConvergenceWarning
+from pm_em.degenerate import Collapse, find_collapse, find_empty_components
+from pm_em.errors import DegenerateSolutionWarning, EMConvergenceWarning
 
 __all__ = ["EMHistory", "EMState", "run_em"]
 
@@ -29,14 +30,31 @@ class EMState(NamedTuple):
 
 @dataclass
 class EMHistory:
-    """What happened during a run: the log-posterior after every E-step."""
+    """What happened during a run.
+
+    Attributes
+    ----------
+    logp : list of float
+        The log-posterior at the start and after every iteration (an EM step, or a
+        SQUAREM cycle).
+    converged : bool
+    n_e_steps : int
+        E-step evaluations (what acceleration saves).
+    collapse : Collapse or None
+        Set when the run was stopped at a degenerate solution.
+    empty : list of str
+        Components whose expected count fell to ~0 (reported, not stopped).
+    """
 
     logp: list[float] = field(default_factory=list)
     converged: bool = False
+    n_e_steps: int = 0
+    collapse: Collapse | None = None
+    empty: list[str] = field(default_factory=list)
 
     @property
     def n_iter(self) -> int:
-        """Number of M-steps taken."""
+        """Number of iterations taken."""
         return max(len(self.logp) - 1, 0)
 
 
@@ -45,8 +63,10 @@ def has_converged(previous: float, current: float, tol: float, n_observations: i
     return abs(current - previous) / n_observations < tol
 
 
-def run_em(em, values, *, tol, max_iter, progress=None) -> tuple[EMState, EMHistory]:
-    """Iterate E- and M-steps from ``values`` until convergence or ``max_iter``.
+def run_em(
+    em, values, *, tol, max_iter, accelerate=None, progress=None, warn=True
+) -> tuple[EMState, EMHistory]:
+    """Iterate from ``values`` until convergence, ``max_iter``, or a degenerate point.
 
     Parameters
     ----------
@@ -57,27 +77,49 @@ def run_em(em, values, *, tol, max_iter, progress=None) -> tuple[EMState, EMHist
         Stop when the change of the observed-data log-posterior per observation
         falls below ``tol``.
     max_iter : int
-        Maximum number of M-steps.
+        Maximum number of iterations (EM steps, or SQUAREM cycles of three).
+    accelerate : {None, "squarem"}
+        None: plain EM steps. ``"squarem"``: SQUAREM cycles (:mod:`pm_em.squarem`).
     progress : callable, optional
-        Called as ``progress(iteration, logp)`` after every E-step.
+        Called as ``progress(iteration, logp)`` after every iteration.
+    warn : bool, default True
+        Warn when the run ends without converging, or at a degenerate point.
 
     Returns
     -------
     state : EMState
         The last state; its responsibilities match its parameters (a final E-step).
+        At a degenerate point, the last state before it.
     history : EMHistory
     """
+    from pm_em.squarem import SquaremStep, squarem_cycle
+
+    if accelerate not in (None, "squarem"):
+        raise ValueError(f"accelerate must be None or 'squarem', got {accelerate!r}.")
     n_obs = em.structure.n_observations
     logp, log_resp = em._e_step_values(values)
     state = EMState(values, logp, log_resp)
-    history = EMHistory(logp=[logp])
+    history = EMHistory(logp=[logp], n_e_steps=1)
     if not np.isfinite(logp):
         return state, history
+    step = SquaremStep()
     for iteration in range(1, max_iter + 1):
-        new_values = em._m_step_values(state.values, state.log_resp)
-        logp, log_resp = em._e_step_values(new_values)
         previous = state.logp
-        state = EMState(new_values, logp, log_resp)
+        if accelerate == "squarem":
+            tolerance = _DECREASE_TOLERANCE * max(1.0, abs(previous))
+            new_state, n_e_steps = squarem_cycle(em, state, step, tolerance)
+        else:
+            new_values = em._m_step_values(state.values, state.log_resp)
+            new_state, n_e_steps = EMState(new_values, *em._e_step_values(new_values)), 1
+        history.n_e_steps += n_e_steps
+        collapse = find_collapse(em, values, new_state.values, new_state.logp)
+        if collapse is not None:
+            history.collapse = collapse
+            if warn:
+                warnings.warn(collapse.message(), DegenerateSolutionWarning, stacklevel=3)
+            break
+        state = new_state
+        logp = state.logp
         history.logp.append(logp)
         if progress is not None:
             progress(iteration, logp)
@@ -92,11 +134,21 @@ def run_em(em, values, *, tol, max_iter, progress=None) -> tuple[EMState, EMHist
         if has_converged(previous, logp, tol, n_obs):
             history.converged = True
             break
-    if not history.converged:
+    history.empty = find_empty_components(em, state.log_resp)
+    if warn and history.empty and history.collapse is None:
+        warnings.warn(
+            f"Empty component(s): {', '.join(history.empty)}. The fit is a mode on the "
+            "boundary (a weight of 0); the parameters of an empty component are not "
+            "determined by the data. Use fewer components if this is not intended.",
+            DegenerateSolutionWarning,
+            stacklevel=3,
+        )
+    if warn and not history.converged and history.collapse is None:
+        change = abs(history.logp[-1] - history.logp[-2]) / n_obs
         warnings.warn(
             f"EM did not converge in {max_iter} iterations (last change per observation "
-            f"{abs(history.logp[-1] - history.logp[-2]) / n_obs:.3g} > tol={tol:g}). "
-            "Increase max_iter, loosen tol, or try another start (initvals, random_seed).",
+            f"{change:.3g} > tol={tol:g}). Increase max_iter, loosen tol, or try another "
+            "start (initvals, random_seed, n_init).",
             EMConvergenceWarning,
             stacklevel=3,
         )

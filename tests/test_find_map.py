@@ -91,7 +91,7 @@ def test_map_is_a_stationary_point_of_em(model, fitted):
 def test_compiled_routine_is_reused(model, fitted):
     first = pm_em.em.cached_routine(model)
     with model:
-        pm_em.find_MAP(random_seed=2, progressbar=False, max_iter=3, tol=1e-3)
+        pm_em.find_MAP(random_seed=2, progressbar=False, max_iter=200, tol=1e-3)
     assert pm_em.em.cached_routine(model) is first
 
 

@@ -1,0 +1,94 @@
+"""Degenerate EM solutions: a scale collapsing onto a point, a component left empty.
+
+A mixture's likelihood is unbounded: a component whose location sits on one
+observation and whose scale shrinks toward 0 makes it grow without limit, and EM
+run from an unlucky start follows it there (each step shrinks the scale by orders
+of magnitude). The MAP is finite only under a prior that keeps the scale away from
+0 (an ``InverseGamma`` scale or a ``Gamma`` precision prior; a ``HalfNormal`` or
+``HalfFlat`` scale prior does not, its density at 0 being finite). A component whose
+expected count falls to ~0 is different: it is a mode on the boundary (a weight of
+0, e.g. no zero inflation at all), bounded and legitimate, but its own parameters
+are then not determined by the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from pymc.logprob.transforms import LogTransform
+
+__all__ = ["COLLAPSE_FACTOR", "Collapse", "find_collapse", "find_empty_components"]
+
+#: A positive parameter that shrank (or grew) by this factor since the start of the
+#: run is collapsing: no sane start is that far off, while a spike gets there in a
+#: few steps.
+COLLAPSE_FACTOR = 1e8
+
+#: An expected count below this is an empty component.
+EMPTY_COUNT = 1e-6
+
+
+@dataclass(frozen=True)
+class Collapse:
+    """A positive parameter running to 0 (or infinity): the log-posterior is
+    unbounded along it."""
+
+    parameter: str
+    index: tuple[int, ...]
+    value: float
+
+    def message(self) -> str:
+        where = (
+            f"{self.parameter}[{', '.join(map(str, self.index))}]"
+            if self.index
+            else (self.parameter)
+        )
+        return (
+            f"Degenerate solution: {where} = {self.value:.3g} is collapsing (it moved by "
+            f"more than a factor {COLLAPSE_FACTOR:.0e} from its start), so the "
+            "log-posterior grows without bound, e.g. a component shrinking onto a "
+            f"single observation. This start was stopped. Give '{self.parameter}' a "
+            "prior that keeps the mode finite (an InverseGamma prior on a scale, or a "
+            "Gamma prior on a precision), or use fewer components."
+        )
+
+
+def find_collapse(em, start_values, values, logp: float) -> Collapse | None:
+    """The first positive parameter element that collapsed between ``start_values``
+    and ``values`` (value space, where a positive parameter is its log), or, when
+    the log-posterior itself is no longer finite, the one that moved most."""
+    threshold = np.log(COLLAPSE_FACTOR)
+    worst = None
+    for param, start, value in zip(em.params, start_values, values):
+        if not isinstance(param.transform, LogTransform):
+            continue
+        moved = np.abs(np.asarray(value, dtype=float) - np.asarray(start, dtype=float))
+        moved = np.where(np.isfinite(moved), moved, np.inf)
+        if moved.size == 0:
+            continue
+        index = np.unravel_index(int(np.argmax(moved)), moved.shape)
+        if worst is None or moved[index] > worst[0]:
+            worst = (moved[index], param, index, np.exp(np.asarray(value)[index]))
+    if worst is None:
+        return None
+    distance, param, index, value = worst
+    unbounded = np.isnan(logp) or np.isposinf(logp)
+    if distance > threshold or unbounded:
+        return Collapse(param.name, tuple(int(i) for i in index), float(value))
+    return None
+
+
+def find_empty_components(em, log_resp) -> list[str]:
+    """Descriptions of the support values of element latents whose expected count is
+    below :data:`EMPTY_COUNT` (global latents, of size 1, are not components)."""
+    empty = []
+    for latent in em.latents:
+        if latent.size == 1:
+            continue
+        resp = np.exp(np.asarray(log_resp[latent.name], dtype=float))
+        counts = resp.reshape(-1, latent.n_support).sum(axis=0)
+        for value, count in zip(latent.support, counts):
+            if count < EMPTY_COUNT:
+                empty.append(f"{latent.name} = {value} (expected count {count:.2g})")
+    return empty
