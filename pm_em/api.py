@@ -106,7 +106,7 @@ def find_MAP(
         uniform(-1, 1) jitter on the unconstrained space (it breaks the symmetry
         of the default point, where all components are equal). ``"prior"``: a draw
         from the prior of the continuous variables (Flat ones jittered).
-        ``"kmeans"``: k-means++ seeding and a few Lloyd iterations on the data for
+        ``"kmeans"``: k-means++ seeding and Lloyd iterations on the data for
         every location parameter indexed by a latent directly on observed data (the
         ``mu`` of ``x ~ Normal(mu[z], ...)`` or ``MvNormal(mu[z], ...)``), jitter for
         the other parameters. A dict: those values, jitter for the rest. ``"auto"``

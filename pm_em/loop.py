@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+from pymc.logprob.utils import ParameterValueError
 
 from pm_em.degenerate import Collapse, find_collapse, find_empty_components
 from pm_em.errors import DegenerateSolutionWarning, EMConvergenceWarning
@@ -56,6 +57,16 @@ class EMHistory:
     def n_iter(self) -> int:
         """Number of iterations taken."""
         return max(len(self.logp) - 1, 0)
+
+
+def safe_e_step(em, values) -> tuple[float, object]:
+    """The E-step at ``values``, or ``(nan, None)`` where the model's own parameter
+    checks refuse them (a scale of exactly 0 after a collapse raises in PyMC's
+    log-probability): the caller sees a non-finite log-posterior."""
+    try:
+        return em._e_step_values(values)
+    except ParameterValueError:
+        return float("nan"), None
 
 
 def has_converged(previous: float, current: float, tol: float, n_observations: int) -> bool:
@@ -110,7 +121,7 @@ def run_em(
             new_state, n_e_steps = squarem_cycle(em, state, step, tolerance)
         else:
             new_values = em._m_step_values(state.values, state.log_resp)
-            new_state, n_e_steps = EMState(new_values, *em._e_step_values(new_values)), 1
+            new_state, n_e_steps = EMState(new_values, *safe_e_step(em, new_values)), 1
         history.n_e_steps += n_e_steps
         collapse = find_collapse(em, values, new_state.values, new_state.logp)
         if collapse is not None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pm_em.loop import EMState
+from pm_em.loop import EMState, safe_e_step
 
 __all__ = ["SquaremStep", "squarem_cycle"]
 
@@ -72,8 +72,10 @@ def squarem_cycle(em, state: EMState, step: SquaremStep, tolerance: float) -> tu
     """
     x0 = state.values
     x1 = em._m_step_values(x0, state.log_resp)
-    logp1, resp1 = em._e_step_values(x1)
+    logp1, resp1 = safe_e_step(em, x1)
     n_e_steps = 1
+    if not np.isfinite(logp1):
+        return EMState(x1, logp1, resp1), n_e_steps  # EM itself degenerates here
     x2 = em._m_step_values(x1, resp1)
     r = _flat(x1) - _flat(x0)
     v = _flat(x2) - _flat(x1) - r
@@ -85,11 +87,13 @@ def squarem_cycle(em, state: EMState, step: SquaremStep, tolerance: float) -> tu
     for attempt in range(_MAX_BACKTRACKS + 1):
         # a = -1 is exactly x2: plain EM, accepted as it is.
         jump = x2 if alpha == -1.0 else _unflat(_flat(x0) - 2 * alpha * r + alpha**2 * v, x0)
-        logp_jump, resp_jump = em._e_step_values(jump)
+        logp_jump, resp_jump = safe_e_step(em, jump)
         n_e_steps += 1
-        if np.isfinite(logp_jump) or alpha == -1.0:
+        if not np.isfinite(logp_jump) and alpha == -1.0:
+            return EMState(jump, logp_jump, resp_jump), n_e_steps
+        if np.isfinite(logp_jump):
             stabilized = em._m_step_values(jump, resp_jump)
-            logp_new, resp_new = em._e_step_values(stabilized)
+            logp_new, resp_new = safe_e_step(em, stabilized)
             n_e_steps += 1
             monotone = np.isfinite(logp_new) and logp_new >= state.logp - tolerance
             if monotone or alpha == -1.0:

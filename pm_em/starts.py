@@ -29,7 +29,7 @@ INIT_STRATEGIES = ("auto", "jitter", "prior", "kmeans")
 
 # Families whose first parameter is a location the data scatter around.
 _LOCATION_FAMILIES = (NormalRV, MvNormalRV, LaplaceRV)
-_LLOYD_ITERATIONS = 10
+_LLOYD_ITERATIONS = 100
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ def kmeans_targets(em) -> list[KMeansTarget]:
 
 
 def _kmeans(data: np.ndarray, n_clusters: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding followed by a few Lloyd iterations; ``(n_clusters, *core)``."""
+    """k-means++ seeding, then Lloyd iterations until the assignment is stable;
+    ``(n_clusters, *core)``."""
     points = data.reshape(len(data), -1)
     centers = [points[rng.integers(len(points))]]
     distance = ((points - centers[0]) ** 2).sum(axis=1)
@@ -87,8 +88,12 @@ def _kmeans(data: np.ndarray, n_clusters: int, rng: np.random.Generator) -> np.n
         centers.append(points[chosen])
         distance = np.minimum(distance, ((points - points[chosen]) ** 2).sum(axis=1))
     centers = np.array(centers)
+    labels = None
     for _ in range(_LLOYD_ITERATIONS):
+        previous = labels
         labels = np.argmin(((points[:, None, :] - centers[None]) ** 2).sum(axis=2), axis=1)
+        if previous is not None and np.array_equal(labels, previous):
+            break
         for k in range(n_clusters):
             members = points[labels == k]
             if len(members):
@@ -146,7 +151,7 @@ def start_points(em, init="auto", n_init: int = 1, random_seed=None) -> list[dic
     init : {"auto", "jitter", "prior", "kmeans"} or dict
         ``"jitter"``: the model's initial point jittered on the unconstrained space.
         ``"prior"``: a draw from the prior of the continuous variables (Flat ones
-        jittered). ``"kmeans"``: k-means++ (then a few Lloyd iterations) on the data
+        jittered). ``"kmeans"``: k-means++ (then Lloyd iterations) on the data
         for each location parameter indexed by a latent directly on observed data,
         jitter for the rest. A dict: those values, jitter for the rest.
         ``"auto"``: ``"kmeans"`` when the model has such a location, else

@@ -132,7 +132,10 @@ def normal_scale(ctx, param) -> ClosedFormUpdate | None:
     else:
         new = _exponential_prior_scale(pt.constant(1.0 / prior[0]), count, squares)
     current = ctx.constrained(param).ravel()
-    new = pt.switch(finite(new) & (new > 0), new, current)
+    # A scale of exactly 0 (a component on one point, no prior to stop it) is the
+    # maximizer: kept, so that the collapse is seen (pm_em.degenerate), not hidden.
+    # An empty component (no count) leaves its scale undetermined: kept as it was.
+    new = pt.switch((count > 0) & finite(new) & (new >= 0), new, current)
     return ClosedFormUpdate([param], [ctx.set_value(param, new)], "normal scale")
 
 
@@ -159,7 +162,9 @@ def normal_precision(ctx, param) -> ClosedFormUpdate | None:
     alpha, beta = (pt.constant(v) for v in prior)
     new = (count / 2 + alpha - 1) / (squares / 2 + beta)
     current = ctx.constrained(param).ravel()
-    new = pt.switch(finite(new) & (new > 0), new, current)
+    # An infinite precision (a component on one point) is the maximizer: kept, so
+    # that the collapse is seen; no count leaves it undetermined.
+    new = pt.switch((count > 0) & ~pt.isnan(new) & (new > 0), new, current)
     return ClosedFormUpdate([param], [ctx.set_value(param, new)], "normal precision")
 
 

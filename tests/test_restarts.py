@@ -1,0 +1,231 @@
+"""Finding the best mode: restarts, start strategies, SQUAREM, degenerate solutions.
+
+The seed examples' models (the 1-D Gaussian mixture and the zero-inflated Poisson)
+are fitted with plain EM and with SQUAREM from the same start; both must reach the
+same optimum, SQUAREM in fewer E-steps and without ever lowering the log-posterior.
+"""
+
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pymc as pm
+import pytest
+from sklearn.cluster import KMeans
+
+import pm_em
+from pm_em.starts import kmeans_targets, start_points
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TOL = 1e-10
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    example = _load("gaussian_mixture")
+    x = example.simulate_data(n=400)
+    model = example.build_model(x)
+    return model, example.initial_values(x)
+
+
+@pytest.fixture(scope="module")
+def zip_model():
+    example = _load("zero_inflated_poisson")
+    x = example.simulate_data(n=400)
+    return example.build_model(x), {"psi": np.array(0.5), "rate": np.array(3.0)}
+
+
+def _fit(model, start, **kwargs):
+    return pm_em.find_MAP(model, initvals=start, tol=TOL, progressbar=False, **kwargs)
+
+
+@pytest.mark.parametrize("case", ["mixture", "zip_model"])
+def test_squarem_reaches_the_em_optimum_in_fewer_e_steps(case, request):
+    model, start = request.getfixturevalue(case)
+    plain = _fit(model, start)
+    fast = _fit(model, start, accelerate="squarem")
+    for name in start:
+        np.testing.assert_allclose(
+            fast.posterior[name].values, plain.posterior[name].values, rtol=1e-4, atol=1e-6
+        )
+    n_obs = model.observed_RVs[0].size.eval()
+    assert abs(float(fast.em_stats["logp"][-1] - plain.em_stats["logp"][-1])) / n_obs < 1e-8
+    # The ratio on larger data is in benchmarks/restarts.py; here: fewer, and at
+    # least 3 EM maps per cycle.
+    assert int(fast.em_stats["n_e_steps"]) < int(plain.em_stats["n_e_steps"])
+    assert int(fast.em_stats["n_e_steps"]) >= 3 * int(fast.em_stats["n_iter"])
+    trace = fast.em_stats["logp"].values
+    assert np.all(np.diff(trace) >= -1e-9 * np.abs(trace[1:]))
+    assert fast.em_stats.attrs["accelerate"] == "squarem"
+
+
+def test_em_run_with_squarem(mixture):
+    model, start = mixture
+    em = pm_em.em.cached_routine(model)
+    point, history = em.run(start, tol=TOL, accelerate="squarem")
+    plain_point, plain_history = em.run(start, tol=TOL)
+    assert history.converged and plain_history.converged
+    assert history.n_e_steps < plain_history.n_e_steps
+    np.testing.assert_allclose(point["mu"], plain_point["mu"], rtol=1e-4)
+    with pytest.raises(ValueError, match="accelerate"):
+        em.run(start, accelerate="anderson")
+
+
+@pytest.fixture(scope="module")
+def restarted(mixture):
+    model, _ = mixture
+    return pm_em.find_MAP(model, n_init=4, init="prior", random_seed=7, progressbar=False)
+
+
+def test_best_start_wins(restarted):
+    stats = restarted.em_stats
+    finals = [
+        row[np.isfinite(row)][-1] for row in stats["restart_logp"].values
+    ]  # every start's final log-posterior
+    best = stats.attrs["best_restart"]
+    assert finals[best] == max(finals)
+    assert stats["logp"].values[-1] == finals[best]
+    assert stats.sizes["restart"] == 4
+    assert int(stats["n_e_steps"]) == int(stats["restart_n_e_steps"][best])
+
+
+def test_restarts_are_reproducible(mixture, restarted):
+    model, _ = mixture
+    again = pm_em.find_MAP(model, n_init=4, init="prior", random_seed=7, progressbar=False)
+    np.testing.assert_array_equal(
+        again.em_stats["restart_logp"].values, restarted.em_stats["restart_logp"].values
+    )
+    em = pm_em.em.cached_routine(model)
+    first = start_points(em, "jitter", 3, random_seed=1)
+    second = start_points(em, "jitter", 3, random_seed=1)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a["mu"], b["mu"])
+    assert not np.array_equal(first[0]["mu"], first[1]["mu"])  # one seed per start
+
+
+def test_kmeans_start_matches_kmeans(mixture):
+    model, _ = mixture
+    em = pm_em.em.cached_routine(model)
+    (target,) = kmeans_targets(em)
+    assert target.param == "mu" and target.n_clusters == 2
+    (start,) = start_points(em, "kmeans", 1, random_seed=3)
+    data = target.data.reshape(-1, 1)
+    # A fixed point of Lloyd's algorithm: each center is the mean of its points...
+    labels = np.argmin(np.abs(data - start["mu"][None]), axis=1)
+    centers = [data[labels == k].mean() for k in range(2)]
+    np.testing.assert_allclose(start["mu"], centers, rtol=1e-12)
+    # ...near scikit-learn's best of ten k-means runs.
+    reference = KMeans(2, n_init=10, random_state=0).fit(data)
+    np.testing.assert_allclose(start["mu"], np.sort(reference.cluster_centers_.ravel()), atol=0.05)
+    assert start_points(em, "auto", 1, random_seed=3)[0]["mu"] == pytest.approx(start["mu"])
+
+
+def test_start_strategies_are_checked(mixture, zip_model):
+    model, _ = mixture
+    with pytest.raises(ValueError, match="init must be one of"):
+        pm_em.find_MAP(model, init="random", progressbar=False)
+    with pytest.raises(ValueError, match="n_init must be an integer >= 1"):
+        pm_em.find_MAP(model, n_init=0, progressbar=False)
+    with pytest.raises(ValueError, match=r"init\['nu'\]"):
+        pm_em.find_MAP(model, init={"nu": 1.0}, progressbar=False)
+    zip_em = pm_em.em.cached_routine(zip_model[0])
+    with pytest.raises(ValueError, match="init='kmeans' needs a location"):
+        start_points(zip_em, "kmeans")
+
+
+def test_dict_start(mixture):
+    model, start = mixture
+    idata = pm_em.find_MAP(model, init=start, tol=TOL, progressbar=False)
+    reference = _fit(model, start)
+    np.testing.assert_allclose(idata.posterior["mu"], reference.posterior["mu"])
+    assert idata.em_stats.attrs["init"] == "values"
+
+
+def test_default_start_escapes_the_symmetric_saddle():
+    """From the model's default point both components are identical; EM alone would
+    stay there. Every default start (jitter or k-means) must separate them."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(-2, 1, 150), rng.normal(2, 1, 150)])
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        mu = pm.Normal("mu", 0.0, 10.0, shape=2)
+        sigma = pm.HalfNormal("sigma", 5.0, shape=2)
+        z = pm.Categorical("z", p=w, shape=len(x))
+        pm.Normal("x", mu=mu[z], sigma=sigma[z], observed=x)
+    for init in ("jitter", "auto"):
+        idata = pm_em.find_MAP(model, init=init, random_seed=5, progressbar=False)
+        mu_hat = np.sort(idata.posterior["mu"].values.ravel())
+        np.testing.assert_allclose(mu_hat, [-2, 2], atol=0.4)
+
+
+@pytest.fixture(scope="module")
+def spike_model():
+    """A one-observation outlier a component can shrink onto (flat scale prior)."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(0.0, 1.0, 60), [9.0]])
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        mu = pm.Flat("mu", shape=2)
+        sigma = pm.HalfFlat("sigma", shape=2)
+        z = pm.Categorical("z", p=w, shape=len(x))
+        pm.Normal("x", mu=mu[z], sigma=sigma[z], observed=x)
+    spike = {
+        "w": np.array([0.98, 0.02]),
+        "mu": np.array([0.0, 9.0]),
+        "sigma": np.array([1.0, 0.05]),
+    }
+    return model, spike
+
+
+def test_collapsing_component_is_reported(spike_model):
+    model, spike = spike_model
+    with pytest.warns(pm_em.DegenerateSolutionWarning, match=r"sigma\[1\].*InverseGamma"):
+        idata = pm_em.find_MAP(model, initvals=spike, progressbar=False)
+    assert bool(idata.em_stats["restart_degenerate"][0])
+    assert not bool(idata.em_stats["converged"])
+    em = pm_em.em.cached_routine(model)
+    with pytest.warns(pm_em.DegenerateSolutionWarning):
+        _, history = em.run(spike, tol=TOL)
+    assert history.collapse is not None and history.collapse.parameter == "sigma"
+
+
+def test_restarts_skip_collapsed_starts(spike_model):
+    model, spike = spike_model
+    spread = {"w": np.array([0.5, 0.5]), "mu": np.array([-1.0, 1.0]), "sigma": np.ones(2)}
+    em = pm_em.em.cached_routine(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", pm_em.DegenerateSolutionWarning)
+        _, collapsed = em.run(spike, tol=TOL)
+        point, sound = em.run(spread, tol=TOL)
+    assert collapsed.collapse is not None and sound.collapse is None
+    # The collapsed start's last log-posterior is the larger (it grows without
+    # bound), yet the sound start wins.
+    assert collapsed.logp[-1] > sound.logp[-1]
+    assert pm_em.api._best_restart([collapsed, sound]) == 1
+
+
+def test_a_component_prior_keeps_the_mode_finite(spike_model):
+    """With an InverseGamma scale prior (what the warning suggests) the same start
+    converges to a finite mode."""
+    model, spike = spike_model
+    x = model.rvs_to_values[model["x"]].data
+    with pm.Model() as proper:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        mu = pm.Flat("mu", shape=2)
+        sigma = pm.InverseGamma("sigma", 2.0, 1.0, shape=2)
+        z = pm.Categorical("z", p=w, shape=len(x))
+        pm.Normal("x", mu=mu[z], sigma=sigma[z], observed=x)
+    idata = pm_em.find_MAP(proper, initvals=spike, progressbar=False)
+    assert bool(idata.em_stats["converged"])
+    assert not bool(idata.em_stats["restart_degenerate"][0])
+    assert float(idata.posterior["sigma"].min()) > 0.05
