@@ -184,7 +184,7 @@ def find_MAP(
     model = pm.modelcontext(model)
     _check_options(tol, max_iter, blas_cores, n_init, accelerate)
     em = cached_routine(model, latent_vars, compile_kwargs)
-    starts = start_points(em, init, n_init, random_seed)
+    starts = start_points(em, init, n_init, random_seed, fixed=set(initvals or ()))
     if isinstance(init, Mapping):
         starts = [_apply_values(em, point, init, "init") for point in starts]
     starts = [_apply_values(em, point, initvals, "initvals") for point in starts]

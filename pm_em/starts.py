@@ -142,7 +142,7 @@ def _resolve(init, em):
     return init
 
 
-def start_points(em, init="auto", n_init: int = 1, random_seed=None) -> list[dict]:
+def start_points(em, init="auto", n_init: int = 1, random_seed=None, fixed=()) -> list[dict]:
     """One start per restart (constrained space, by parameter name).
 
     Parameters
@@ -159,6 +159,8 @@ def start_points(em, init="auto", n_init: int = 1, random_seed=None) -> list[dic
     n_init : int
     random_seed : int, sequence or Generator, optional
         Split into one seed per start.
+    fixed : collection of str
+        Parameters the caller sets itself (``initvals``): no k-means for them.
 
     Returns
     -------
@@ -167,6 +169,7 @@ def start_points(em, init="auto", n_init: int = 1, random_seed=None) -> list[dic
     strategy = _resolve(init, em)
     seeds = _get_seeds_per_chain(random_seed, n_init)
     targets = kmeans_targets(em) if strategy == "kmeans" else []
+    targets = [target for target in targets if target.param not in fixed]
     starts = []
     for seed in seeds:
         rng = np.random.default_rng(seed)
