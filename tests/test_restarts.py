@@ -229,3 +229,11 @@ def test_a_component_prior_keeps_the_mode_finite(spike_model):
     assert bool(idata.em_stats["converged"])
     assert not bool(idata.em_stats["restart_degenerate"][0])
     assert float(idata.posterior["sigma"].min()) > 0.05
+
+
+def test_one_progress_bar_across_starts(mixture, capsys):
+    model, _ = mixture
+    idata = pm_em.find_MAP(model, n_init=2, random_seed=1, progressbar=True, tol=1e-6)
+    shown = capsys.readouterr().out
+    assert "EM start 2/2" in shown and "best =" in shown
+    assert idata.em_stats.sizes["restart"] == 2
