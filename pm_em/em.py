@@ -15,6 +15,7 @@ from pm_em.analysis import analyze_model
 from pm_em.chains import model_initial_point
 from pm_em.compile import compile_function
 from pm_em.graphs import build_em_graphs
+from pm_em.implicit import explicit_model
 from pm_em.loop import EMHistory, EMState, run_em
 from pm_em.mstep import join_flat, split_flat
 from pm_em.pointwise import pointwise_loglik
@@ -157,7 +158,16 @@ class EM:
     """
 
     def __init__(self, model=None, *, latent_vars=None, compile_kwargs=None, closed_form=True):
-        self.model = pm.modelcontext(model)
+        user_latent_vars = latent_vars
+        #: The model as given; ``model`` is the one EM runs on: the same, or a copy
+        #: with the labels of observed mixture distributions written out.
+        self.user_model = pm.modelcontext(model)
+        explicit = explicit_model(self.user_model)
+        self.model = explicit.model
+        #: Label latent name -> the observed mixture variable it belongs to.
+        self.implicit_labels = {latent: observed for observed, latent in explicit.labels.items()}
+        if latent_vars is not None and explicit.labels:
+            latent_vars = [*latent_vars, *self.implicit_labels]
         self.structure = analyze_model(self.model, latent_vars)
         self.graphs = graphs = build_em_graphs(self.structure, closed_form=closed_form)
         self.params = self.structure.params
@@ -210,8 +220,8 @@ class EM:
         self._result_fn = None
         self._chain_fn = None
         if closed_form:
-            _ROUTINES.setdefault(self.model, {})[
-                _routine_key(self.model, latent_vars, compile_kwargs)
+            _ROUTINES.setdefault(self.user_model, {})[
+                _routine_key(self.user_model, user_latent_vars, compile_kwargs)
             ] = self
 
     # -- conversions -----------------------------------------------------------------

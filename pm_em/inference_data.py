@@ -34,11 +34,18 @@ def _posterior(em, point, deterministics, labels, log_resp) -> xr.Dataset:
     coords = _coords(model)
     for lat in em.latents:
         lat_dims = _dims(model, lat.name, len(lat.shape))
-        data[lat.name] = labels[lat.name][None, None]
-        dims[lat.name] = lat_dims
-        support_dim = f"lp_{lat.name}_dim"
-        data[f"lp_{lat.name}"] = log_resp[lat.name][None, None]
-        dims[f"lp_{lat.name}"] = [*lat_dims, support_dim]
+        # An observed mixture's implicit labels: lp_x for the responsibilities of x's
+        # labels, x_component for the most probable component.
+        observed = em.implicit_labels.get(lat.name)
+        label_name = lat.name if observed is None else f"{observed}_component"
+        responsibility_name = f"lp_{lat.name if observed is None else observed}"
+        if observed is not None and lat.dims is None:
+            lat_dims = [f"{observed}_dim_{i}" for i in range(len(lat.shape))]
+        data[label_name] = labels[lat.name][None, None]
+        dims[label_name] = lat_dims
+        support_dim = f"{responsibility_name}_dim"
+        data[responsibility_name] = log_resp[lat.name][None, None]
+        dims[responsibility_name] = [*lat_dims, support_dim]
         coords[support_dim] = lat.support
     return az.dict_to_dataset(data, library=pm, coords=coords, dims=dims)
 

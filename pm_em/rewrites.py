@@ -30,11 +30,13 @@ from pytensor.graph.fg import FunctionGraph
 from pytensor.graph.rewriting.basic import copy_stack_trace, in2out, node_rewriter
 from pytensor.graph.rewriting.unify import OpPattern
 from pytensor.graph.traversal import applys_between, graph_inputs
+from pytensor.tensor.basic import Alloc
 from pytensor.tensor.blockwise import Blockwise
+from pytensor.tensor.elemwise import DimShuffle
 from pytensor.tensor.rewriting.blockwise import blockwise_of
 from pytensor.tensor.slinalg import SolveBase
 
-__all__ = ["REWRITE_TAG", "batch_solves", "local_matrix_b_solve"]
+__all__ = ["REWRITE_TAG", "batch_solves", "local_matrix_b_solve", "strip_leading_broadcast"]
 
 #: Tag under which :func:`local_matrix_b_solve` is registered in PyTensor's
 #: ``specialize`` database. It is not part of ``fast_run``: include it explicitly.
@@ -120,3 +122,21 @@ def batch_solves(outputs: Sequence[Variable]) -> list[Variable]:
 
 
 optdb["specialize"].register("pm_em_local_matrix_b_solve", local_matrix_b_solve, REWRITE_TAG)
+
+
+def strip_leading_broadcast(expr: Variable) -> Variable:
+    """``expr`` without the leading axes PyMC adds when it resizes a distribution
+    (``pi[None]``, ``broadcast_to(pi, ...)``), which leave each row equal to ``pi``."""
+    while expr.owner is not None:
+        op = expr.owner.op
+        if (
+            isinstance(op, DimShuffle)
+            and op.is_expand_dims
+            and all(d == "x" for d in op.new_order[: op.new_order.count("x")])
+        ):
+            expr = expr.owner.inputs[0]
+        elif isinstance(op, Alloc):
+            expr = expr.owner.inputs[0]
+        else:
+            break
+    return expr

@@ -15,12 +15,11 @@ from __future__ import annotations
 import numpy as np
 import pytensor.tensor as pt
 from pytensor.graph.traversal import ancestors
-from pytensor.tensor.basic import Alloc
-from pytensor.tensor.elemwise import DimShuffle
 from pytensor.tensor.random.basic import CategoricalRV
 
 from pm_em.closed_form._priors import prior_constants, prior_family
 from pm_em.closed_form.base import ClosedFormUpdate, finite
+from pm_em.rewrites import strip_leading_broadcast
 
 __all__ = ["markov_initial", "markov_transitions"]
 
@@ -46,24 +45,6 @@ def _to_param_shape(counts, param, n_sequences: int):
     if int(np.prod(batch, dtype=int)) != n_sequences:
         return None  # broadcast over some sequence axes only: left to the numeric M-step
     return counts.reshape(param.shape)
-
-
-def _strip_broadcast(expr):
-    """``expr`` without the leading axes PyMC adds when it resizes a distribution
-    (``pi[None]``, ``broadcast_to(pi, ...)``), which leave each row equal to ``pi``."""
-    while expr.owner is not None:
-        op = expr.owner.op
-        if (
-            isinstance(op, DimShuffle)
-            and op.is_expand_dims
-            and all(d == "x" for d in op.new_order[: op.new_order.count("x")])
-        ):
-            expr = expr.owner.inputs[0]
-        elif isinstance(op, Alloc):
-            expr = expr.owner.inputs[0]
-        else:
-            break
-    return expr
 
 
 def _normalized_rows(counts, concentration, current):
@@ -119,7 +100,7 @@ def markov_initial(ctx, param) -> ClosedFormUpdate | None:
         initial = use.chain.initial_dist
         if not isinstance(initial.owner.op, CategoricalRV):
             return None
-        if _strip_broadcast(initial.owner.inputs[-1]) is not param.rv:
+        if strip_leading_broadcast(initial.owner.inputs[-1]) is not param.rv:
             return None
         if param.value in ancestors([use.chain.log_transition]):
             return None  # also in the transition matrix: Q is not this alone
