@@ -18,6 +18,8 @@ __all__ = ["EMHistory", "EMState", "run_em"]
 # A decrease of the observed-data log-posterior beyond this (relative) size is not
 # rounding: EM never decreases it.
 _DECREASE_TOLERANCE = 1e-8
+# Relative rounding of a log-posterior summed over the data.
+_ROUNDING = 1e-13
 
 
 class EMState(NamedTuple):
@@ -117,8 +119,11 @@ def run_em(
     for iteration in range(1, max_iter + 1):
         previous = state.logp
         if accelerate == "squarem":
-            tolerance = _DECREASE_TOLERANCE * max(1.0, abs(previous))
-            new_state, n_e_steps = squarem_cycle(em, state, step, tolerance)
+            # An extrapolated step is accepted only if it does not lower the
+            # log-posterior beyond rounding (far below tol), which keeps the trace
+            # monotone; otherwise SQUAREM falls back toward plain EM.
+            tolerance = _ROUNDING * max(1.0, abs(previous))
+            new_state, n_e_steps = squarem_cycle(em, state, step, tolerance, tol * n_obs)
         else:
             new_values = em._m_step_values(state.values, state.log_resp)
             new_state, n_e_steps = EMState(new_values, *safe_e_step(em, new_values)), 1

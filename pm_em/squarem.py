@@ -49,7 +49,9 @@ def _unflat(flat: np.ndarray, like) -> list[np.ndarray]:
     return out
 
 
-def squarem_cycle(em, state: EMState, step: SquaremStep, tolerance: float) -> tuple[EMState, int]:
+def squarem_cycle(
+    em, state: EMState, step: SquaremStep, tolerance: float, converged_change: float = 0.0
+) -> tuple[EMState, int]:
     """One SQUAREM cycle from ``state``.
 
     Parameters
@@ -61,6 +63,10 @@ def squarem_cycle(em, state: EMState, step: SquaremStep, tolerance: float) -> tu
         Adaptive step bound, updated in place.
     tolerance : float
         Absolute decrease of the log-posterior tolerated as rounding.
+    converged_change : float
+        When the first EM map changes the log-posterior by less than this (EM's own
+        convergence test), the cycle stops there: extrapolating a converged sequence
+        only spends E-steps.
 
     Returns
     -------
@@ -74,8 +80,9 @@ def squarem_cycle(em, state: EMState, step: SquaremStep, tolerance: float) -> tu
     x1 = em._m_step_values(x0, state.log_resp)
     logp1, resp1 = safe_e_step(em, x1)
     n_e_steps = 1
-    if not np.isfinite(logp1):
-        return EMState(x1, logp1, resp1), n_e_steps  # EM itself degenerates here
+    if not np.isfinite(logp1) or abs(logp1 - state.logp) < converged_change:
+        # EM itself degenerates here, or has converged.
+        return EMState(x1, logp1, resp1), n_e_steps
     x2 = em._m_step_values(x1, resp1)
     r = _flat(x1) - _flat(x0)
     v = _flat(x2) - _flat(x1) - r
