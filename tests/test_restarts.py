@@ -60,10 +60,10 @@ def test_squarem_reaches_the_em_optimum_in_fewer_e_steps(case, request):
         )
     n_obs = model.observed_RVs[0].size.eval()
     assert abs(float(fast.em_stats["logp"][-1] - plain.em_stats["logp"][-1])) / n_obs < 1e-8
-    # The ratio on larger data is in benchmarks/restarts.py; here: fewer, and at
-    # least 3 EM maps per cycle.
+    # The ratios are in benchmarks/restarts.py; here: fewer, and counted in full
+    # (the start, three EM maps per cycle, one in the last, converged cycle).
     assert int(fast.em_stats["n_e_steps"]) < int(plain.em_stats["n_e_steps"])
-    assert int(fast.em_stats["n_e_steps"]) >= 3 * int(fast.em_stats["n_iter"])
+    assert int(fast.em_stats["n_e_steps"]) >= 3 * int(fast.em_stats["n_iter"]) - 1
     trace = fast.em_stats["logp"].values
     assert np.all(np.diff(trace) >= -1e-9 * np.abs(trace[1:]))
     assert fast.em_stats.attrs["accelerate"] == "squarem"
