@@ -1,9 +1,11 @@
 """pm_em: EM for the MAP of PyMC models with finite discrete latent variables."""
 
 from pm_em.api import find_MAP
+from pm_em.compare import compare, compare_models, relabel
 from pm_em.em import EM
 from pm_em.errors import DegenerateSolutionWarning, EMConvergenceWarning, UnsupportedModelError
 from pm_em.laplace import NonPositiveCurvatureError, fit_laplace
+from pm_em.plots import plot_compare, plot_convergence
 
 __all__ = [
     "EM",
@@ -11,6 +13,11 @@ __all__ = [
     "EMConvergenceWarning",
     "NonPositiveCurvatureError",
     "UnsupportedModelError",
+    "compare",
+    "compare_models",
     "find_MAP",
     "fit_laplace",
+    "plot_compare",
+    "plot_convergence",
+    "relabel",
 ]

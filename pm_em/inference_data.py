@@ -11,6 +11,8 @@ import pymc as pm
 import xarray as xr
 from pymc.backends.arviz import find_constants, find_observations
 
+from pm_em.criteria import model_selection_attrs
+
 __all__ = ["build_inference_data"]
 
 
@@ -112,13 +114,20 @@ def build_inference_data(em, result, *, tol, max_iter, options=None) -> az.Infer
     -------
     az.InferenceData
         Groups ``posterior``, ``log_likelihood``, ``em_stats``, ``observed_data``,
-        ``constant_data``.
+        ``constant_data``. ``posterior.attrs`` holds the model-selection criteria
+        (:func:`pm_em.criteria.model_selection_attrs`): ``log_likelihood``,
+        ``n_params``, ``n_observations``, ``aic``, ``bic``, ``entropy`` and ``icl``.
     """
     model = em.model
+    posterior = _posterior(em, result.point, result.deterministics, result.labels, result.log_resp)
+    # AIC, BIC and ICL with scikit-learn's conventions (pm_em.criteria).
+    posterior.attrs.update(
+        model_selection_attrs(
+            result.pointwise, (p.value_size for p in em.params), dict(result.log_resp)
+        )
+    )
     groups = {
-        "posterior": _posterior(
-            em, result.point, result.deterministics, result.labels, result.log_resp
-        ),
+        "posterior": posterior,
         "log_likelihood": _log_likelihood(em, result.pointwise),
         "em_stats": _em_stats(
             result.restarts or [result.history], result.best_restart, tol, max_iter, options or {}
