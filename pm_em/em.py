@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,27 @@ from pm_em.mstep import join_flat, split_flat
 from pm_em.pointwise import pointwise_loglik
 
 __all__ = ["EM", "FitResult", "LogResponsibilities", "cached_routine"]
+
+_log = logging.getLogger("pm_em")
+
+
+def _report_degenerate_structure(structure) -> None:
+    """Say once (INFO) when EM has nothing to enumerate, or a latent nothing to learn
+    from: both are valid models, just not what one usually means."""
+    if not structure.latents:
+        _log.info(
+            "The model has no discrete latent: EM reduces to maximizing its log-posterior "
+            "(plain MAP, no Jacobian)."
+        )
+    for latent in structure.latents:
+        dependents = [t for t in structure.terms if latent.name in t.latents]
+        if all(t.name == latent.name for t in dependents):
+            _log.info(
+                "Latent '%s' has no dependents: nothing observed depends on it, so its "
+                "posterior is its prior.",
+                latent.name,
+            )
+
 
 # Compiled routines per model, shared by every EM object and find_MAP call, so that
 # repeated fits (restarts, other starts) never recompile. Keyed weakly: the cache
@@ -172,6 +194,7 @@ class EM:
         self.graphs = graphs = build_em_graphs(self.structure, closed_form=closed_form)
         self.params = self.structure.params
         self.latents = self.structure.latents
+        _report_degenerate_structure(self.structure)
 
         # In the order of the M-step's responsibility inputs (ResponsibilityInputs.flat).
         posterior_outputs = []

@@ -131,3 +131,33 @@ def test_no_model_in_context():
 def test_options_are_checked_before_any_work(options, message):
     with pytest.raises(ValueError, match=message):
         pm_em.find_MAP(summed_latent(), **options)
+
+
+def test_no_latent_is_plain_map_and_says_so(caplog):
+    x = np.random.default_rng(0).normal(1.0, 2.0, 40)
+    with pm.Model() as model:
+        mu = pm.Normal("mu", 0.0, 10.0)
+        sigma = pm.HalfFlat("sigma")
+        pm.Normal("x", mu, sigma, observed=x)
+    with caplog.at_level("INFO", logger="pm_em"):
+        idata = pm_em.find_MAP(model, progressbar=False, random_seed=1)
+    assert "no discrete latent" in caplog.text
+    # The MAP of a Normal mean (Normal prior) and scale (flat prior), by hand.
+    n = len(x)
+    sigma_hat = float(idata.posterior["sigma"].values.ravel()[0])
+    mu_hat = float(idata.posterior["mu"].values.ravel()[0])
+    expected_mu = x.sum() / sigma_hat**2 / (n / sigma_hat**2 + 1 / 100.0)
+    np.testing.assert_allclose(mu_hat, expected_mu, rtol=1e-6)
+    np.testing.assert_allclose(sigma_hat, np.sqrt(np.mean((x - mu_hat) ** 2)), rtol=1e-6)
+
+
+def test_latent_without_dependents_is_reported(caplog):
+    with pm.Model() as model:
+        mu = pm.Normal("mu", 0.0, 10.0)
+        pm.Bernoulli("z", p=np.float64(0.3), shape=3)
+        pm.Normal("x", mu, 1.0, observed=np.array([0.5, 1.5]))
+    with caplog.at_level("INFO", logger="pm_em"):
+        idata = pm_em.find_MAP(model, progressbar=False, random_seed=1)
+    assert "Latent 'z' has no dependents" in caplog.text
+    # Its posterior is its prior.
+    np.testing.assert_allclose(np.exp(idata.posterior["lp_z"].values[0, 0, :, 1]), 0.3)
