@@ -110,6 +110,29 @@ static double pmem_hmm_logsumexp_pair(const double* x, npy_intp x_stride, const 
     return max_term + log(total);
 }
 
+/* Normalizes the log weights v[0..K) in place (so that they log-sum-exp to 0) and
+   writes their probabilities to prob. Returns the log normalizer, or -inf (v and prob
+   untouched) when every weight is -inf. */
+static double pmem_hmm_normalize(npy_intp K, double* v, double* prob)
+{
+    double max_v = -INFINITY;
+    for (npy_intp k = 0; k < K; ++k)
+        if (v[k] > max_v) max_v = v[k];
+    if (max_v == -INFINITY) return -INFINITY;
+    double total = 0.0;
+    for (npy_intp k = 0; k < K; ++k) {
+        prob[k] = exp(v[k] - max_v);
+        total += prob[k];
+    }
+    double log_norm = max_v + log(total);
+    double inv_total = 1.0 / total;
+    for (npy_intp k = 0; k < K; ++k) {
+        v[k] -= log_norm;
+        prob[k] *= inv_total;
+    }
+    return log_norm;
+}
+
 /* Per transition column k: col_max[k] = max_j log P[j, k] and
    col_scaled[j, k] = exp(log P[j, k] - col_max[k]); per row j likewise row_max and
    row_scaled. An all -inf column (row) gets max -inf and scaled entries 0. */
@@ -175,25 +198,11 @@ static double pmem_hmm_forward(npy_intp T, npy_intp K, const double* log_emit,
             }
         }
         /* alpha_t = pred + emission, normalized; the normalizer is log p(y_t | y_<t). */
-        double max_alpha = -INFINITY;
-        for (npy_intp k = 0; k < K; ++k) {
-            filt[k] = pred[k] + emit[k];
-            if (filt[k] > max_alpha) max_alpha = filt[k];
-        }
-        if (max_alpha == -INFINITY) {
+        for (npy_intp k = 0; k < K; ++k) filt[k] = pred[k] + emit[k];
+        double log_norm = pmem_hmm_normalize(K, filt, filt_prob);
+        if (log_norm == -INFINITY) {
             *impossible_step = t;
             return -INFINITY;
-        }
-        double total = 0.0;
-        for (npy_intp k = 0; k < K; ++k) {
-            filt_prob[k] = exp(filt[k] - max_alpha);
-            total += filt_prob[k];
-        }
-        double log_norm = max_alpha + log(total);
-        double inv_total = 1.0 / total;
-        for (npy_intp k = 0; k < K; ++k) {
-            filt[k] -= log_norm;
-            filt_prob[k] *= inv_total;
         }
         log_lik += log_norm;
     }
@@ -224,23 +233,8 @@ static int pmem_hmm_backward(npy_intp T, npy_intp K, const double* log_emit,
     for (npy_intp t = T - 1; t >= 0; --t) {
         double* lg = log_gamma + t * K;
         /* gamma_t ∝ filter_t * beta_t */
-        double max_g = -INFINITY;
-        for (npy_intp k = 0; k < K; ++k) {
-            lg[k] += beta[k];
-            if (lg[k] > max_g) max_g = lg[k];
-        }
-        if (max_g == -INFINITY) return 1;
-        double total = 0.0;
-        for (npy_intp k = 0; k < K; ++k) {
-            gamma_prob[k] = exp(lg[k] - max_g);
-            total += gamma_prob[k];
-        }
-        double log_norm = max_g + log(total);
-        double inv_total = 1.0 / total;
-        for (npy_intp k = 0; k < K; ++k) {
-            lg[k] -= log_norm;
-            gamma_prob[k] *= inv_total;
-        }
+        for (npy_intp k = 0; k < K; ++k) lg[k] += beta[k];
+        if (pmem_hmm_normalize(K, lg, gamma_prob) == -INFINITY) return 1;
         if (t == 0) break;
 
         /* xi_t(j, k) = p(s_{t-1} = j | s_t = k, y_<t) * gamma_t(k)
