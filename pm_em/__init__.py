@@ -5,12 +5,14 @@ from pm_em.compare import compare, compare_models, relabel
 from pm_em.em import EM
 from pm_em.errors import DegenerateSolutionWarning, EMConvergenceWarning, UnsupportedModelError
 from pm_em.laplace import NonPositiveCurvatureError, fit_laplace
+from pm_em.loop import EMIteration
 from pm_em.plots import plot_compare, plot_convergence
 
 __all__ = [
     "EM",
     "DegenerateSolutionWarning",
     "EMConvergenceWarning",
+    "EMIteration",
     "NonPositiveCurvatureError",
     "UnsupportedModelError",
     "compare",

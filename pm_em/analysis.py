@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pymc as pm
+from pytensor.compile.sharedvalue import SharedVariable
 from pytensor.graph.basic import Variable
 from pytensor.graph.rewriting.utils import rewrite_graph
 from pytensor.graph.traversal import ancestors
+from pytensor.tensor.variable import TensorConstant
 
 from pm_em.chains import ChainSpec, chain_spec, is_markov_chain, model_initial_point
 from pm_em.compile import evaluate_once
@@ -201,7 +203,7 @@ def analyze_model(model: pm.Model, latent_vars: list[str] | None = None) -> Mode
     terms = _terms(model, latent_rvs)
     _attach_dependence(model, terms, latents, point, chains)
     components = _components(latents, terms, chains)
-    n_obs = sum(int(np.size(point_value)) for point_value in _observed_values(model))
+    n_obs = sum(int(np.size(point_value)) for point_value in observed_data(model).values())
     return ModelStructure(
         model=model,
         latents=latents,
@@ -259,6 +261,16 @@ def _select_latents(model: pm.Model, latent_vars: list[str] | None) -> list[Vari
     return selected
 
 
+def _imputed_from(model, rv) -> str | None:
+    """The observed variable whose missing values PyMC imputes as ``rv`` (it names
+    them ``<name>_unobserved``), or None."""
+    if rv.name.endswith("_unobserved"):
+        name = rv.name[: -len("_unobserved")]
+        if name in model.named_vars and f"{name}_observed" in model.named_vars:
+            return name
+    return None
+
+
 def _latent_specs(model, latent_rvs, point) -> list[LatentSpec]:
     free_rvs = set(model.free_RVs)
     bounds, names = [], []
@@ -266,10 +278,16 @@ def _latent_specs(model, latent_rvs, point) -> list[LatentSpec]:
         try:
             lower, upper = support_bounds(rv.owner.op, rv.owner)
         except InfiniteSupportError:
+            imputed = _imputed_from(model, rv)
+            origin = (
+                f" PyMC created it to impute the missing values of '{imputed}'; drop "
+                "those observations, or give the likelihood a finite support."
+                if imputed
+                else " Truncate it (pm.Truncated(..., upper=...)) or marginalize it by hand."
+            )
             raise UnsupportedModelError(
                 f"Latent '{rv.name}' ({type(rv.owner.op).__name__}) has infinite support, "
-                "so EM cannot enumerate it. Truncate it (pm.Truncated(..., upper=...)) or "
-                "marginalize it by hand."
+                f"so EM cannot enumerate it.{origin}"
             ) from None
         for bound in (lower, upper):
             # Shapes (Categorical's len(p)) are constant even when p is a free variable.
@@ -345,7 +363,12 @@ def _terms(model, latent_rvs) -> list[Term]:
             kind = "latent"
         else:
             kind = "free"
-        terms.append(Term(name=var.name, logp=logp, kind=kind))
+        # Every log-density is summed over the data downstream (the log-posterior,
+        # the E-step's normalizers, Q): in float64, whatever floatX computes each
+        # element in. A float32 sum over n elements rounds at ~n * 6e-8 relative,
+        # which would swamp EM's convergence test; per element it is harmless. A
+        # no-op (the same variable) for float64 terms.
+        terms.append(Term(name=var.name, logp=logp.astype("float64"), kind=kind))
     return terms
 
 
@@ -509,6 +532,20 @@ def _group_owner(term: Term, latents: list[LatentSpec]) -> np.ndarray:
     return combined
 
 
-def _observed_values(model):
-    values = (model.rvs_to_values[rv] for rv in model.observed_RVs)
-    return [v.data if hasattr(v, "data") else v.get_value() for v in values]
+def observed_data(model: pm.Model) -> dict[str, np.ndarray]:
+    """Each observed variable's current data, by name.
+
+    The data are a constant, a ``pm.Data`` shared variable (read its current value),
+    or a graph of one (PyMC casts float data of a discrete likelihood to its integer
+    type), evaluated once.
+    """
+    data = {}
+    for rv in model.observed_RVs:
+        value = model.rvs_to_values[rv]
+        if isinstance(value, TensorConstant):
+            data[rv.name] = np.asarray(value.data)
+        elif isinstance(value, SharedVariable):
+            data[rv.name] = np.asarray(value.get_value())
+        else:
+            data[rv.name] = np.asarray(evaluate_once([], [value], [])[0])
+    return data

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from contextlib import nullcontext
 
 import arviz as az
 import numpy as np
-import pymc as pm
 from threadpoolctl import threadpool_limits
 
+from pm_em.diagnostics import (
+    check_observed_data,
+    check_start_values,
+    explain_nonfinite_logp,
+    model_or_context,
+)
 from pm_em.em import EM, cached_routine
 from pm_em.inference_data import build_inference_data
 from pm_em.laplace import laplace_idata
-from pm_em.loop import run_em
+from pm_em.loop import EMIteration, run_em
 from pm_em.progress import progress_reporter
 from pm_em.starts import start_points
 
@@ -21,6 +27,8 @@ from pm_em.starts import start_points
 ACCELERATIONS = (None, "squarem")
 
 __all__ = ["find_MAP"]
+
+_log = logging.getLogger("pm_em")
 
 
 def _check_options(tol, max_iter, blas_cores=None, n_init=1, accelerate=None) -> None:
@@ -39,7 +47,8 @@ def _check_options(tol, max_iter, blas_cores=None, n_init=1, accelerate=None) ->
 
 
 def _apply_values(em: EM, point: dict, values: Mapping | None, label: str) -> dict:
-    """``point`` with some parameters set by the user (``initvals`` or ``init``)."""
+    """``point`` with some parameters set by the user (``initvals`` or ``init``),
+    checked: finite, and inside their priors' support."""
     if not values:
         return point
     names = {p.name for p in em.params}
@@ -53,10 +62,8 @@ def _apply_values(em: EM, point: dict, values: Mapping | None, label: str) -> di
                 else ("it is not a continuous free variable of the model")
             )
             raise ValueError(f"{label}['{name}']: {why}. Parameters: {sorted(names)}.")
-        value = np.asarray(value, dtype=float)
-        if not np.all(np.isfinite(value)):
-            raise ValueError(f"{label}['{name}'] contains NaN or inf: {value}.")
-        point[name] = value
+        point[name] = np.asarray(value, dtype=float)
+    check_start_values(em, point, values, label)
     return point
 
 
@@ -85,6 +92,7 @@ def find_MAP(
     compile_kwargs: dict | None = None,
     blas_cores: int | None = 1,
     laplace: bool = False,
+    callback=None,
 ) -> az.InferenceData:
     """MAP estimate of a PyMC model with finite discrete latents, by EM.
 
@@ -146,6 +154,13 @@ def find_MAP(
         defaults: 1000 draws seeded by ``random_seed``, Jacobian included): the
         draws go to ``posterior`` (chain 1, 1000 draws), the MAP point to ``map``,
         the mean, covariance and standard errors to ``fit``.
+    callback : callable, optional
+        Called after every iteration as ``callback(info)`` with an
+        :class:`pm_em.EMIteration` (``restart``, ``iteration``, ``logp``, ``point``).
+        Returning True, or raising StopIteration, stops the fit there: the best
+        point so far is returned, marked not converged, with
+        ``em_stats.attrs["stopped"] = "callback"``. Ctrl-C (KeyboardInterrupt) stops
+        it the same way (``"interrupt"``), within one E- or M-step.
 
     Returns
     -------
@@ -160,7 +175,8 @@ def find_MAP(
         start's along dim ``restart`` as ``restart_logp`` (NaN-padded),
         ``restart_n_iter``, ``restart_n_e_steps``, ``restart_converged`` and
         ``restart_degenerate``; in its attrs the winning start's index
-        (``best_restart``), ``tol``, ``max_iter``, ``init`` and ``accelerate``.
+        (``best_restart``), ``tol``, ``max_iter``, ``init``, ``accelerate`` and
+        ``stopped`` (``""``, ``"callback"`` or ``"interrupt"``).
         ``observed_data`` and ``constant_data`` as PyMC writes them.
 
     Raises
@@ -169,7 +185,10 @@ def find_MAP(
         When a latent cannot be enumerated exactly (infinite support, dependents
         mixing its elements, imputed continuous data, ...).
     ValueError
-        For invalid options or start values.
+        For invalid options or start values (NaN, outside a prior's support), or when
+        the observed-data log-posterior is not finite at every start; the message
+        names the variable and element (e.g. an observation impossible under every
+        latent value).
 
     Warns
     -----
@@ -188,9 +207,12 @@ def find_MAP(
     ...     pm.Normal("x", mu=mu[z], sigma=1, observed=x)
     ...     idata = pm_em.find_MAP(n_init=5, accelerate="squarem", random_seed=1)
     """
-    model = pm.modelcontext(model)
+    model = model_or_context(model)
     _check_options(tol, max_iter, blas_cores, n_init, accelerate)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {callback!r}.")
     em = cached_routine(model, latent_vars, compile_kwargs)
+    check_observed_data(em.model)
     starts = start_points(em, init, n_init, random_seed, fixed=set(initvals or ()))
     if isinstance(init, Mapping):
         starts = [_apply_values(em, point, init, "init") for point in starts]
@@ -208,23 +230,49 @@ def find_MAP(
                 max_iter=max_iter,
                 accelerate=accelerate,
                 progress=progress,
+                callback=_user_callback(em, callback, restart),
             )
             if progress is not None:
                 progress.finish(history.logp[-1])
             states.append(state)
             histories.append(history)
+            if history.stopped:
+                break
     best = _best_restart(histories)
     state = states[best]
     if not np.isfinite(state.logp):
-        raise ValueError(
-            "The observed-data log-posterior is not finite at the start "
-            f"({state.logp}); some observation is impossible under every latent value, "
-            "or a start value is outside its prior's support. Check the data and initvals."
+        raise ValueError(explain_nonfinite_logp(em, state.values, state.logp))
+    stopped = histories[-1].stopped or ""
+    if stopped == "interrupt":
+        _log.warning(
+            "Interrupted after %d of %d start(s): returning the best point so far (not converged).",
+            len(histories),
+            n_init,
         )
     result = em.finish(state, histories[best])
     result.restarts, result.best_restart = histories, best
-    options = {"init": init if isinstance(init, str) else "values", "accelerate": str(accelerate)}
+    options = {
+        "init": init if isinstance(init, str) else "values",
+        "accelerate": str(accelerate),
+        "stopped": stopped,
+    }
     idata = build_inference_data(em, result, tol=tol, max_iter=max_iter, options=options)
     if laplace:
         idata = laplace_idata(em, idata, random_seed=random_seed)
     return idata
+
+
+def _user_callback(em: EM, callback, restart: int):
+    """The loop's ``callback(iteration, state)`` calling the user's with an
+    :class:`EMIteration`; True (stop) when it returns True or raises StopIteration."""
+    if callback is None:
+        return None
+
+    def call(iteration, state) -> bool:
+        info = EMIteration(restart, iteration, float(state.logp), em.to_point(state.values))
+        try:
+            return bool(callback(info))
+        except StopIteration:
+            return True
+
+    return call

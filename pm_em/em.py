@@ -8,13 +8,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import pymc as pm
 from pytensor.graph.traversal import ancestors
 from scipy import optimize
 
 from pm_em.analysis import analyze_model
 from pm_em.chains import model_initial_point
 from pm_em.compile import compile_function
+from pm_em.diagnostics import check_observed_data, explain_nonfinite_logp, model_or_context
 from pm_em.graphs import build_em_graphs
 from pm_em.implicit import explicit_model
 from pm_em.loop import EMHistory, EMState, run_em
@@ -183,7 +183,7 @@ class EM:
         user_latent_vars = latent_vars
         #: The model as given; ``model`` is the one EM runs on: the same, or a copy
         #: with the labels of observed mixture distributions written out.
-        self.user_model = pm.modelcontext(model)
+        self.user_model = model_or_context(model)
         explicit = explicit_model(self.user_model)
         self.model = explicit.model
         #: Label latent name -> the observed mixture variable it belongs to.
@@ -450,6 +450,7 @@ class EM:
         tol: float = 1e-8,
         max_iter: int = 1000,
         accelerate: str | None = None,
+        callback=None,
     ) -> tuple[dict[str, np.ndarray], EMHistory]:
         """Iterate from ``point`` to convergence (what :func:`pm_em.find_MAP` does for
         each start).
@@ -462,18 +463,41 @@ class EM:
             As in :func:`pm_em.find_MAP`.
         accelerate : {None, "squarem"}
             ``"squarem"``: SQUAREM cycles instead of single EM steps (monotone).
+        callback : callable, optional
+            Called as ``callback(iteration, point, logp)`` after every iteration; a
+            true return value stops the run (``history.stopped == "callback"``).
 
         Returns
         -------
         point : dict
             The last point (constrained space).
         history : EMHistory
-            ``logp`` per iteration, ``n_e_steps``, ``converged``, and ``collapse``
-            when the run stopped at a degenerate solution.
+            ``logp`` per iteration, ``n_e_steps``, ``converged``, ``collapse``
+            when the run stopped at a degenerate solution, ``stopped`` when the
+            callback or Ctrl-C stopped it.
+
+        Raises
+        ------
+        ValueError
+            When the observed-data log-posterior is not finite at ``point``; the
+            message names the variable and element responsible.
         """
+
+        check_observed_data(self.model)
+
+        def step(iteration, state):
+            return callback(iteration, self.to_point(state.values), state.logp)
+
         state, history = run_em(
-            self, self.to_values(point), tol=tol, max_iter=max_iter, accelerate=accelerate
+            self,
+            self.to_values(point),
+            tol=tol,
+            max_iter=max_iter,
+            accelerate=accelerate,
+            callback=step if callback is not None else None,
         )
+        if not np.isfinite(state.logp):
+            raise ValueError(explain_nonfinite_logp(self, state.values, state.logp))
         return self.to_point(state.values), history
 
     def logp(self, point: Mapping[str, np.ndarray]) -> float:

@@ -13,7 +13,7 @@ from pymc.logprob.utils import ParameterValueError
 from pm_em.degenerate import Collapse, find_collapse, find_empty_components
 from pm_em.errors import DegenerateSolutionWarning, EMConvergenceWarning
 
-__all__ = ["EMHistory", "EMState", "run_em"]
+__all__ = ["EMHistory", "EMIteration", "EMState", "run_em"]
 
 # A decrease of the observed-data log-posterior beyond this (relative) size is not
 # rounding: EM never decreases it.
@@ -29,6 +29,27 @@ class EMState(NamedTuple):
     values: list
     logp: float
     log_resp: object
+
+
+class EMIteration(NamedTuple):
+    """What a ``callback`` of :func:`pm_em.find_MAP` receives after each iteration.
+
+    Attributes
+    ----------
+    restart : int
+        Index of the start (0 .. n_init - 1).
+    iteration : int
+        Iterations completed in this start (EM steps, or SQUAREM cycles).
+    logp : float
+        Observed-data log-posterior at ``point``.
+    point : dict
+        Continuous free variable name -> value (constrained space).
+    """
+
+    restart: int
+    iteration: int
+    logp: float
+    point: dict
 
 
 @dataclass
@@ -47,6 +68,9 @@ class EMHistory:
         Set when the run was stopped at a degenerate solution.
     empty : list of str
         Components whose expected count fell to ~0 (reported, not stopped).
+    stopped : {None, "callback", "interrupt"}
+        Set when the user stopped the run: by the callback, or by Ctrl-C
+        (KeyboardInterrupt).
     """
 
     logp: list[float] = field(default_factory=list)
@@ -54,6 +78,7 @@ class EMHistory:
     n_e_steps: int = 0
     collapse: Collapse | None = None
     empty: list[str] = field(default_factory=list)
+    stopped: str | None = None
 
     @property
     def n_iter(self) -> int:
@@ -77,9 +102,10 @@ def has_converged(previous: float, current: float, tol: float, n_observations: i
 
 
 def run_em(
-    em, values, *, tol, max_iter, accelerate=None, progress=None, warn=True
+    em, values, *, tol, max_iter, accelerate=None, progress=None, warn=True, callback=None
 ) -> tuple[EMState, EMHistory]:
-    """Iterate from ``values`` until convergence, ``max_iter``, or a degenerate point.
+    """Iterate from ``values`` until convergence, ``max_iter``, a degenerate point, or
+    a stop by the user.
 
     Parameters
     ----------
@@ -97,24 +123,71 @@ def run_em(
         Called as ``progress(iteration, logp)`` after every iteration.
     warn : bool, default True
         Warn when the run ends without converging, or at a degenerate point.
+    callback : callable, optional
+        Called as ``callback(iteration, state)`` after every iteration; a true return
+        value stops the run (``history.stopped = "callback"``).
 
     Returns
     -------
     state : EMState
         The last state; its responsibilities match its parameters (a final E-step).
-        At a degenerate point, the last state before it.
+        At a degenerate point, the last state before it. After Ctrl-C
+        (KeyboardInterrupt; ``history.stopped = "interrupt"``), the last completed
+        iteration's state: EM is monotone, so it is the best point of the run.
     history : EMHistory
     """
-    from pm_em.squarem import SquaremStep, squarem_cycle
-
     if accelerate not in (None, "squarem"):
         raise ValueError(f"accelerate must be None or 'squarem', got {accelerate!r}.")
-    n_obs = em.structure.n_observations
     logp, log_resp = em._e_step_values(values)
     state = EMState(values, logp, log_resp)
     history = EMHistory(logp=[logp], n_e_steps=1)
     if not np.isfinite(logp):
         return state, history
+    steps = _iterations(em, state, history, tol, max_iter, accelerate, warn)
+    completed = 0
+    try:
+        # ``state`` is rebound only once an iteration has completed, so an interrupt
+        # anywhere inside one leaves the last completed state.
+        for completed, state in steps:
+            if progress is not None:
+                progress(completed, state.logp)
+            if callback is not None and callback(completed, state):
+                history.stopped = "callback"
+                break
+    except KeyboardInterrupt:
+        history.stopped = "interrupt"
+        # An iteration interrupted after it was recorded, but before it was handed
+        # over, is dropped: the history ends at ``state``.
+        history.logp = history.logp[: completed + 1]
+        history.converged = False
+    history.empty = find_empty_components(em, state.log_resp)
+    if warn and history.empty and history.collapse is None:
+        warnings.warn(
+            f"Empty component(s): {', '.join(history.empty)}. The fit is a mode on the "
+            "boundary (a weight of 0); the parameters of an empty component are not "
+            "determined by the data. Use fewer components if this is not intended.",
+            DegenerateSolutionWarning,
+            stacklevel=3,
+        )
+    if warn and not (history.converged or history.collapse or history.stopped):
+        change = abs(history.logp[-1] - history.logp[-2]) / em.structure.n_observations
+        warnings.warn(
+            f"EM did not converge in {max_iter} iterations (last change per observation "
+            f"{change:.3g} > tol={tol:g}). Increase max_iter, loosen tol, or try another "
+            "start (initvals, random_seed, n_init).",
+            EMConvergenceWarning,
+            stacklevel=3,
+        )
+    return state, history
+
+
+def _iterations(em, state, history, tol, max_iter, accelerate, warn):
+    """Yield ``(iteration, state)`` after each completed iteration, recording it in
+    ``history``; end at convergence, ``max_iter`` or a degenerate point."""
+    from pm_em.squarem import SquaremStep, squarem_cycle
+
+    start = state.values
+    n_obs = em.structure.n_observations
     step = SquaremStep()
     for iteration in range(1, max_iter + 1):
         previous = state.logp
@@ -128,44 +201,24 @@ def run_em(
             new_values = em._m_step_values(state.values, state.log_resp)
             new_state, n_e_steps = EMState(new_values, *safe_e_step(em, new_values)), 1
         history.n_e_steps += n_e_steps
-        collapse = find_collapse(em, values, new_state.values, new_state.logp)
+        collapse = find_collapse(em, start, new_state.values, new_state.logp)
         if collapse is not None:
             history.collapse = collapse
             if warn:
-                warnings.warn(collapse.message(), DegenerateSolutionWarning, stacklevel=3)
-            break
+                warnings.warn(collapse.message(), DegenerateSolutionWarning, stacklevel=4)
+            return
         state = new_state
         logp = state.logp
         history.logp.append(logp)
-        if progress is not None:
-            progress(iteration, logp)
         if logp < previous - _DECREASE_TOLERANCE * max(1.0, abs(previous)):
             warnings.warn(
                 f"The observed-data log-posterior decreased at iteration {iteration} "
                 f"({previous:.10g} -> {logp:.10g}); EM should never decrease it. This "
                 "points to an M-step that failed to improve the expected log-posterior.",
                 EMConvergenceWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-        if has_converged(previous, logp, tol, n_obs):
-            history.converged = True
-            break
-    history.empty = find_empty_components(em, state.log_resp)
-    if warn and history.empty and history.collapse is None:
-        warnings.warn(
-            f"Empty component(s): {', '.join(history.empty)}. The fit is a mode on the "
-            "boundary (a weight of 0); the parameters of an empty component are not "
-            "determined by the data. Use fewer components if this is not intended.",
-            DegenerateSolutionWarning,
-            stacklevel=3,
-        )
-    if warn and not history.converged and history.collapse is None:
-        change = abs(history.logp[-1] - history.logp[-2]) / n_obs
-        warnings.warn(
-            f"EM did not converge in {max_iter} iterations (last change per observation "
-            f"{change:.3g} > tol={tol:g}). Increase max_iter, loosen tol, or try another "
-            "start (initvals, random_seed, n_init).",
-            EMConvergenceWarning,
-            stacklevel=3,
-        )
-    return state, history
+        history.converged = has_converged(previous, logp, tol, n_obs)
+        yield iteration, state
+        if history.converged:
+            return

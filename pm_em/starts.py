@@ -21,6 +21,7 @@ from pymc.util import _get_seeds_per_chain
 from pytensor.tensor.random.basic import LaplaceRV, NormalRV
 from pytensor.tensor.subtensor import AdvancedSubtensor, AdvancedSubtensor1
 
+from pm_em.analysis import observed_data
 from pm_em.chains import is_markov_chain
 
 __all__ = ["INIT_STRATEGIES", "KMeansTarget", "kmeans_targets", "start_points"]
@@ -64,7 +65,7 @@ def kmeans_targets(em) -> list[KMeansTarget]:
         param, latent = params.get(base), latents.get(index)
         if param is None or latent is None or param.name in targets:
             continue
-        data = np.asarray(model.rvs_to_values[rv].data, dtype=float)
+        data = np.asarray(observed_data(model)[rv.name], dtype=float)
         n_clusters = latent.n_support
         core = data.shape[latent.value.ndim :] if data.ndim > latent.value.ndim else ()
         if param.shape != (n_clusters, *core) or not np.all(np.isfinite(data)):

@@ -161,3 +161,91 @@ def test_latent_without_dependents_is_reported(caplog):
     assert "Latent 'z' has no dependents" in caplog.text
     # Its posterior is its prior.
     np.testing.assert_allclose(np.exp(idata.posterior["lp_z"].values[0, 0, :, 1]), 0.3)
+
+
+# -- the data and the start values -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def count_mixture():
+    """A Poisson mixture whose data can be swapped (pm.Data, same length)."""
+    with pm.Model() as model:
+        counts = pm.Data("counts", np.array([0.0, 1.0, 3.0, 2.0, 3.0]))
+        w = pm.Dirichlet("w", np.ones(2))
+        log_rate = pm.Normal("log_rate", 0.0, 2.0, shape=2)
+        z = pm.Categorical("z", w, shape=5)
+        pm.Poisson("y", pm.math.exp(log_rate[z]), observed=counts)
+    # Compiled once here; find_MAP reuses this routine.
+    pm_em.EM(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            [0.0, 1.0, -3.0, 2.0, 3.0],
+            r"observation of 'y' at index \(2,\) \(observed value -3\) has probability 0 "
+            r"under every value of the latent\(s\) \['z'\]",
+        ),
+        ([0.0, 1.0, 3.0, np.nan, 3.0], r"observed data of 'y' at index \(3,\) are NaN"),
+        (
+            [np.inf, 1.0, 3.0, 2.0, np.inf],
+            r"observed data of 'y' at index \(0,\) \(and 1 more element\(s\)\) are infinite",
+        ),
+    ],
+    ids=["outside_support", "nan", "inf"],
+)
+def test_bad_data_is_named_with_its_first_index(count_mixture, data, message):
+    with count_mixture:
+        pm.set_data({"counts": np.array(data)})
+    try:
+        with pytest.raises(ValueError, match=message):
+            pm_em.find_MAP(count_mixture, progressbar=False, random_seed=1)
+        # The step-by-step API says the same.
+        em = pm_em.em.cached_routine(count_mixture)
+        with pytest.raises(ValueError, match=message):
+            em.run(em.initial_point(random_seed=1))
+    finally:
+        with count_mixture:
+            pm.set_data({"counts": np.array([0.0, 1.0, 3.0, 2.0, 3.0])})
+    # The same routine fits once the data are fixed.
+    idata = pm_em.find_MAP(count_mixture, progressbar=False, random_seed=1)
+    assert bool(idata.em_stats["converged"])
+
+
+@pytest.mark.parametrize(
+    "initvals, message",
+    [
+        ({"w": np.array([1.5, -0.5])}, r"initvals\['w'\] = \[1.5, -0.5\] is outside the support"),
+        ({"log_rate": np.array([np.inf, 0.0])}, r"initvals\['log_rate'\] contains NaN or inf"),
+        ({"w": [0.5, 0.5, 0.0]}, r"point\['w'\] has shape \(3,\), expected \(2,\)"),
+    ],
+    ids=["outside_support", "inf", "wrong_shape"],
+)
+def test_bad_initvals_name_the_variable(count_mixture, initvals, message):
+    with pytest.raises(ValueError, match=message):
+        pm_em.find_MAP(count_mixture, initvals=initvals, progressbar=False)
+
+
+def test_initvals_outside_a_bounded_prior_are_named():
+    with pm.Model() as model:
+        mu = pm.Uniform("mu", 0.0, 1.0, default_transform=None)
+        z = pm.Bernoulli("z", 0.5, shape=2)
+        pm.Normal("y", mu + z, 1.0, observed=np.zeros(2))
+    with pytest.raises(ValueError, match=r"initvals\['mu'\] is outside the support of its prior"):
+        pm_em.find_MAP(model, initvals={"mu": 2.0}, progressbar=False)
+
+
+def test_imputed_discrete_values_with_infinite_support_say_where_they_come_from():
+    with pm.Model() as model, pytest.warns(pm.ImputationWarning):
+        rate = pm.Exponential("rate", 1.0)
+        missing = np.ma.masked_array([1, 0, 3], mask=[False, True, False])
+        pm.Poisson("y", rate, observed=missing)
+    with pytest.raises(UnsupportedModelError, match=r"impute the missing values of 'y'"):
+        pm_em.EM(model)
+
+
+def test_no_model_says_how_to_pass_one():
+    with pytest.raises(TypeError, match=r"call it inside `with model:` or pass model="):
+        pm_em.EM()

@@ -1,0 +1,125 @@
+"""Stopping a fit early: a ``callback`` that asks to stop, and Ctrl-C. Either way
+the best point so far comes back as InferenceData, marked not converged."""
+
+import logging
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pymc as pm
+import pytest
+
+import pm_em
+
+
+@pytest.fixture(scope="module")
+def model():
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(-1.0, 1.0, 60), rng.normal(1.5, 1.0, 60)])
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", np.ones(2))
+        mu = pm.Normal("mu", 0.0, 10.0, shape=2)
+        sigma = pm.InverseGamma("sigma", 2.0, 1.0, shape=2)
+        z = pm.Categorical("z", w, shape=len(x))
+        pm.Normal("x", mu[z], sigma[z], observed=x)
+    pm_em.EM(model)  # compiled once for the module
+    return model
+
+
+def fit(model, **kwargs):
+    options = {"progressbar": False, "random_seed": 1, "tol": 1e-300, "max_iter": 500}
+    return pm_em.find_MAP(model, **{**options, **kwargs})
+
+
+def _stats(idata):
+    stats = idata.em_stats
+    return int(stats["n_iter"]), bool(stats["converged"]), stats.attrs["stopped"]
+
+
+@pytest.mark.parametrize("how", ["return_true", "stop_iteration"])
+def test_callback_stops_early_with_the_point_it_saw(model, how):
+    seen = []
+
+    def callback(info):
+        seen.append(info)
+        if info.iteration == 3:
+            if how == "stop_iteration":
+                raise StopIteration
+            return True
+        return None
+
+    idata = fit(model, callback=callback)
+    assert [info.iteration for info in seen] == [1, 2, 3]
+    assert all(info.restart == 0 for info in seen)
+    assert _stats(idata) == (3, False, "callback")
+    # The result is the point of the last iteration, with its log-posterior.
+    np.testing.assert_array_equal(idata.posterior["mu"].values[0, 0], seen[-1].point["mu"])
+    assert float(idata.em_stats["logp"][-1]) == seen[-1].logp
+    em = pm_em.em.cached_routine(model)
+    np.testing.assert_allclose(em.logp(seen[-1].point), seen[-1].logp, rtol=1e-12)
+    # Monotone up to there.
+    assert np.all(np.diff([info.logp for info in seen]) >= 0)
+
+
+def test_callback_stops_the_remaining_starts(model):
+    def callback(info):
+        return info.restart == 1 and info.iteration == 2
+
+    idata = fit(model, n_init=4, callback=callback)
+    stats = idata.em_stats
+    assert stats.sizes["restart"] == 2  # starts 2 and 3 never ran
+    assert stats.attrs["stopped"] == "callback"
+    finals = [float(v[~np.isnan(v)][-1]) for v in stats["restart_logp"].values]
+    assert stats.attrs["best_restart"] == int(np.argmax(finals))
+
+
+def test_ctrl_c_returns_promptly_with_the_best_point(model, caplog):
+    """A real SIGINT, delivered from another thread while EM runs."""
+    timer, sent = None, []
+
+    def interrupt():
+        sent.append(time.perf_counter())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def callback(info):
+        nonlocal timer
+        if timer is None:
+            timer = threading.Timer(0.3, interrupt)
+            timer.start()
+        time.sleep(0.02)  # slow iterations, so the fit is still running at 0.3 s
+
+    with caplog.at_level(logging.WARNING, logger="pm_em"):
+        idata = fit(model, callback=callback, n_init=3)
+    returned = time.perf_counter()
+    timer.join()
+    assert sent, "the interrupt was never sent"
+    # Control returns within a fraction of a second (the result is assembled once).
+    assert returned - sent[0] < 2.0
+    n_iter, converged, stopped = _stats(idata)
+    assert (converged, stopped) == (False, "interrupt")
+    assert 1 <= n_iter < 500
+    assert "Interrupted after 1 of 3 start(s)" in caplog.text
+    assert np.all(np.isfinite(idata.posterior["mu"].values))
+    logp = idata.em_stats["logp"].values
+    assert np.all(np.diff(logp) >= 0)
+
+
+def test_step_api_callback(model):
+    em = pm_em.em.cached_routine(model)
+    calls = []
+
+    def callback(iteration, point, logp):
+        calls.append((iteration, logp))
+        return iteration == 2
+
+    point, history = em.run(em.initial_point(random_seed=2), callback=callback)
+    assert [c[0] for c in calls] == [1, 2]
+    assert (history.n_iter, history.converged, history.stopped) == (2, False, "callback")
+    np.testing.assert_allclose(em.logp(point), calls[-1][1], rtol=1e-12)
+
+
+def test_callback_must_be_callable(model):
+    with pytest.raises(TypeError, match="callback must be callable"):
+        fit(model, callback=1)
