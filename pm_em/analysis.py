@@ -11,6 +11,7 @@ element by element. Anything else is refused with :class:`UnsupportedModelError`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -449,8 +450,43 @@ def _components(latents: list[LatentSpec], terms: list[Term], chains) -> list[Co
         if chained:
             components.append(_chain_component(group_latents, comp_terms, chains[chained[0]]))
         else:
-            components.append(_build_component(group_latents, comp_terms, by_name))
+            component = _build_component(group_latents, comp_terms, by_name)
+            _refuse_unenumerable_size(component)
+            components.append(component)
     return components
+
+
+#: Entries of the largest joint table EM will build (8 bytes each, and the E-step
+#: holds a few such tables at once): beyond it, enumeration is refused up front
+#: instead of failing with an allocation error deep inside PyTensor.
+MAX_TABLE_ENTRIES = 10**8
+
+
+def _refuse_unenumerable_size(component: Component) -> None:
+    """Refuse a component whose joint enumeration would not fit in memory."""
+    # math.prod on Python ints: np.prod would overflow for many binary latents.
+    n_global = math.prod(int(lat.n_support) for lat in component.globals)
+    for group in [None, *component.groups]:
+        per_element = 1 if group is None else math.prod(int(lat.n_support) for lat in group.latents)
+        if group is None:
+            # A global term is tabulated per configuration and per entry.
+            n_elements = max((math.prod(t.shape) for t in component.global_terms), default=1)
+        else:
+            n_elements = group.n_elements
+        entries = n_global * per_element * n_elements
+        if entries > MAX_TABLE_ENTRIES:
+            names = [lat.name for lat in component.globals]
+            if group is not None:
+                names += [lat.name for lat in group.latents]
+            raise UnsupportedModelError(
+                f"The latents {names} depend on each other given the parameters, so EM "
+                f"enumerates them jointly: {n_global * per_element:,} joint configurations"
+                f"{'' if n_elements == 1 else f' for each of {n_elements:,} elements'}, "
+                f"a table of {entries:,} entries (limit {MAX_TABLE_ENTRIES:,}). Write "
+                "them as one vector latent with elementwise dependents (z[i] for x[i]) "
+                "instead of separate scalar latents, reduce their supports, or "
+                "marginalize some by hand."
+            )
 
 
 def _chain_component(latents, terms, chain: ChainSpec) -> Component:

@@ -73,6 +73,14 @@ def sliced_parameter_index():
     return model
 
 
+def many_coupled_latents():
+    with pm.Model() as model:
+        mu = pm.Normal("mu", 0, 1)
+        flags = [pm.Bernoulli(f"z{i}", 0.5) for i in range(30)]
+        pm.Normal("y", mu + sum(flags), 1.0, observed=np.zeros(3))
+    return model
+
+
 CASES = {
     "infinite_support": (poisson_latent, r"'k' \(PoissonRV\) has infinite support.*Truncate"),
     "sum_of_latent": (summed_latent, r"'y' combines several elements of the latent 'z'"),
@@ -81,6 +89,10 @@ CASES = {
     "parameter_support": (parameter_dependent_support, r"support of latent 'k' depends"),
     "misaligned_sizes": (misaligned_latents, r"different numbers of elements"),
     "crossed_elements": (crossed_latents, r"links element .* of '(z1|z2)'.*aligned one"),
+    "too_many_configurations": (
+        many_coupled_latents,
+        r"enumerates them jointly: 1,073,741,824 joint configurations.*limit 100,000,000",
+    ),
     "sliced_index": (
         sliced_parameter_index,
         r"cannot enumerate the latent\(s\) \['z'\].*beta\[z\]",
