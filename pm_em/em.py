@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from pytensor.compile.sharedvalue import SharedVariable
 from pytensor.graph.traversal import ancestors
 from scipy import optimize
 
@@ -55,7 +56,24 @@ def _routine_key(model, latent_vars, compile_kwargs) -> tuple:
         tuple(latent_vars) if latent_vars is not None else None,
         repr(sorted((compile_kwargs or {}).items())),
         tuple(model.named_vars),
+        data_shapes(model),
     )
+
+
+def data_shapes(model) -> tuple:
+    """The shapes of the model's ``pm.Data`` and the lengths of its mutable dims.
+
+    A routine is built for these: the latents' sizes, which observation depends on
+    which latent element, and the number of observations are read from the graph at
+    build time. New values of the same shape (``pm.set_data``) need no rebuild.
+    """
+    shapes = [(v.name, np.shape(v.get_value(borrow=True))) for v in model.data_vars]
+    lengths = [
+        (dim, int(np.asarray(length.get_value(borrow=True))))
+        for dim, length in model.dim_lengths.items()
+        if isinstance(length, SharedVariable)
+    ]
+    return tuple(shapes + lengths)
 
 
 def cached_routine(model, latent_vars=None, compile_kwargs=None) -> EM:
@@ -242,15 +260,27 @@ class EM:
         self._compile_kwargs = compile_kwargs
         self._result_fn = None
         self._chain_fn = None
+        self._data_shapes = data_shapes(self.user_model)
         if closed_form:
-            _ROUTINES.setdefault(self.user_model, {})[
-                _routine_key(self.user_model, user_latent_vars, compile_kwargs)
-            ] = self
+            key = _routine_key(self.user_model, user_latent_vars, compile_kwargs)
+            routines = _ROUTINES.setdefault(self.user_model, {})
+            # A routine built for other data shapes will not be used again.
+            for stale in [k for k in routines if k[:-1] == key[:-1]]:
+                del routines[stale]
+            routines[key] = self
 
     # -- conversions -----------------------------------------------------------------
 
     def to_values(self, point: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Constrained point (by variable name) -> value-variable arrays."""
+        if data_shapes(self.user_model) != self._data_shapes:
+            changed = sorted(set(data_shapes(self.user_model)) - set(self._data_shapes))
+            raise ValueError(
+                f"The model's data changed shape since this EM routine was built "
+                f"(now {changed}): its latents' sizes and the links between observations "
+                "and latent elements were read from the old shapes. Build a new "
+                "pm_em.EM(model); find_MAP rebuilds by itself."
+            )
         missing = [p.name for p in self.params if p.name not in point]
         if missing:
             raise ValueError(f"point is missing values for {missing}.")
