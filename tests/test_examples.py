@@ -17,20 +17,16 @@ engine's log-posterior is the log-likelihood plus a known constant
 (``log Gamma(K)`` for a flat ``Dirichlet``).
 """
 
-import importlib.util
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pymc as pm
 import pytest
+from loading import load_example, load_reference
 from pymc.model.transform.conditioning import remove_value_transforms
 from scipy import optimize, special, stats
 from sklearn.mixture import GaussianMixture
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Reference EM runs stop once the log-likelihood changes by less than
 # REFERENCE_TOL (absolute); the engine's tol is per observation, like
@@ -44,22 +40,7 @@ MAX_ITER = 10_000
 RTOL = 1e-5
 
 
-def load_module(path: Path):
-    """Import a file by path, so neither ``tests/`` nor ``examples/`` need packaging."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    # Registered before execution: dataclasses look their module up by name.
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = load_module(Path(__file__).resolve().parent / "reference_em.py")
-
-
-def load_example(name: str):
-    """Import ``examples/<name>.py``."""
-    return load_module(REPO_ROOT / "examples" / f"{name}.py")
+ref = load_reference("reference_em")
 
 
 # ==========================================================================

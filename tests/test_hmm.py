@@ -26,33 +26,21 @@ pymc-extras conventions checked here: ``dims="time"`` of length ``T`` gives a ch
 indexed ``[from, to]`` and needs coords for both of its dims.
 """
 
-import importlib.util
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import NamedTuple
 
 import arviz as az
 import numpy as np
 import pymc as pm
 import pytest
+from loading import load_example, load_reference
 from scipy import special
 
 pmx = pytest.importorskip("pymc_extras")
 hmmlearn_hmm = pytest.importorskip("hmmlearn.hmm")
 
 
-def load_module(path: Path):
-    """Import a file by path (``tests/`` is not a package), as ``test_examples`` does."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    # Registered before execution: dataclasses look their module up by name.
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-ref = load_module(Path(__file__).resolve().parent / "reference_hmm.py")
+ref = load_reference("reference_hmm")
 
 # pm_em's tol is on the change of the log-posterior per observation; the reference
 # and hmmlearn take an absolute change, so they get ENGINE_TOL * N. At N of a few
@@ -682,7 +670,7 @@ def test_engine_matches_brute_force_on_tiny_chain(pm_em):
 
 @pytest.fixture(scope="module")
 def hmm_example():
-    return load_module(Path(__file__).resolve().parents[1] / "examples" / "hmm.py")
+    return load_example("hmm")
 
 
 def test_example_em_matches_reference(hmm_example, pm_em):

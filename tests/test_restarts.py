@@ -5,34 +5,23 @@ are fitted with plain EM and with SQUAREM from the same start; both must reach t
 same optimum, SQUAREM in fewer E-steps and without ever lowering the log-posterior.
 """
 
-import importlib.util
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pymc as pm
 import pytest
+from loading import load_example
 from sklearn.cluster import KMeans
 
 import pm_em
 from pm_em.starts import kmeans_targets, start_points
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TOL = 1e-10
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def mixture():
-    example = _load("gaussian_mixture")
+    example = load_example("gaussian_mixture")
     x = example.simulate_data(n=400)
     model = example.build_model(x)
     return model, example.initial_values(x)
@@ -40,7 +29,7 @@ def mixture():
 
 @pytest.fixture(scope="module")
 def zip_model():
-    example = _load("zero_inflated_poisson")
+    example = load_example("zero_inflated_poisson")
     x = example.simulate_data(n=400)
     return example.build_model(x), {"psi": np.array(0.5), "rate": np.array(3.0)}
 

@@ -2,12 +2,10 @@
 component, and latent values of probability exactly 0. Each case is checked against
 an independent log-space computation in NumPy/SciPy."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pymc as pm
 import pytest
+from loading import load_example
 from scipy import special, stats
 
 import pm_em
@@ -65,19 +63,11 @@ def test_far_observations_fit_to_a_finite_monotone_mode(far_model):
     assert np.all(np.isfinite(idata.log_likelihood["x"].values))
 
 
-def _load_example(name):
-    path = Path(__file__).parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_impossible_genotypes_get_exactly_zero_responsibility():
     """The peppered moth: a phenotype rules out genotypes (P(phenotype | genotype) =
     0), so those entries are log(0) = -inf in the tables; they must stay exactly
     -inf, and never turn the possible ones into NaN."""
-    moth = _load_example("peppered_moth")
+    moth = load_example("peppered_moth")
     phenotype = moth.moth_phenotypes()
     em = pm_em.EM(moth.build_model(phenotype))
     allele_freq = np.array([0.2, 0.3, 0.5])
