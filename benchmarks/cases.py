@@ -166,14 +166,14 @@ def gmm1d_m_step(x: np.ndarray, resp: np.ndarray) -> Params:
     return {"w": counts / x.shape[0], "mu": mu, "sigma": np.sqrt(variance)}
 
 
-def gmm1d_model(x: np.ndarray):
-    """``Normal(mu[z], sigma[z])`` with flat priors."""
+def gmm1d_model(x: np.ndarray, n_components: int = 2):
+    """``Normal(mu[z], sigma[z])`` with flat priors (``n_components`` components)."""
     import pymc as pm
 
     with pm.Model() as model:
-        w = pm.Dirichlet("w", np.ones(2))
-        mu = pm.Flat("mu", shape=2)
-        sigma = pm.HalfFlat("sigma", shape=2)
+        w = pm.Dirichlet("w", np.ones(n_components))
+        mu = pm.Flat("mu", shape=n_components)
+        sigma = pm.HalfFlat("sigma", shape=n_components)
         z = pm.Categorical("z", p=w, shape=x.shape[0])
         pm.Normal("x", mu[z], sigma[z], observed=x)
     return model

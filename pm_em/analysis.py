@@ -24,6 +24,7 @@ from pytensor.tensor.variable import TensorConstant
 
 from pm_em.chains import ChainSpec, chain_spec, is_markov_chain, model_initial_point
 from pm_em.compile import evaluate_once
+from pm_em.data import recording_reads
 from pm_em.dependence import build_owner_graphs
 from pm_em.errors import UnsupportedModelError
 from pm_em.latents import InfiniteSupportError, LatentSpec, is_discrete, support_bounds
@@ -170,6 +171,19 @@ class ModelStructure:
     @property
     def latent_free_terms(self) -> list[Term]:
         return [t for t in self.terms if not t.latents]
+
+    @property
+    def float_eps(self) -> float:
+        """Machine epsilon of the parameters' values, the precision the model computes
+        in: float64's, or float32's under ``floatX="float32"``. EM's rounding
+        allowances scale with it (:func:`pm_em.precision.loop_tolerances`).
+
+        Not the terms' dtypes: a float64 model has float32 terms too where they
+        depend on literals alone (``Uniform(0.0, 1.0)``'s density), with no rounding.
+        """
+        dtypes = [p.value.type.dtype for p in self.params]
+        floats = [np.finfo(d).eps for d in dtypes if np.issubdtype(d, np.floating)]
+        return float(max(floats, default=np.finfo(np.float64).eps))
 
 
 # -- entry point -------------------------------------------------------------------
@@ -583,5 +597,7 @@ def observed_data(model: pm.Model) -> dict[str, np.ndarray]:
         elif isinstance(value, SharedVariable):
             data[rv.name] = np.asarray(value.get_value())
         else:
-            data[rv.name] = np.asarray(evaluate_once([], [value], [])[0])
+            # Read for counting, not for deciding the routine's structure.
+            with recording_reads(enabled=False):
+                data[rv.name] = np.asarray(evaluate_once([], [value], [])[0])
     return data

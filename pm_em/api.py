@@ -93,6 +93,7 @@ def find_MAP(
     blas_cores: int | None = 1,
     laplace: bool = False,
     callback=None,
+    var_names=None,
 ) -> az.InferenceData:
     """MAP estimate of a PyMC model with finite discrete latents, by EM.
 
@@ -154,6 +155,11 @@ def find_MAP(
         defaults: 1000 draws seeded by ``random_seed``, Jacobian included): the
         draws go to ``posterior`` (chain 1, 1000 draws), the MAP point to ``map``,
         the mean, covariance and standard errors to ``fit``.
+    var_names : list of str, optional
+        The variables to keep in ``posterior`` (and ``map``), as ``pm.sample``'s
+        ``var_names``; by default all. A latent's name keeps its ``lp_`` table too,
+        and an observed mixture's name its ``_component`` and ``lp_`` entries. The fit
+        itself is unchanged (all parameters are estimated).
     callback : callable, optional
         Called after every iteration as ``callback(info)`` with an
         :class:`pm_em.EMIteration` (``restart``, ``iteration``, ``logp``, ``point``).
@@ -213,6 +219,8 @@ def find_MAP(
         raise TypeError(f"callback must be callable, got {callback!r}.")
     em = cached_routine(model, latent_vars, compile_kwargs)
     check_observed_data(em.model)
+    if var_names is not None:
+        _check_var_names(em, var_names)
     starts = start_points(em, init, n_init, random_seed, fixed=set(initvals or ()))
     if isinstance(init, Mapping):
         starts = [_apply_values(em, point, init, "init") for point in starts]
@@ -259,6 +267,42 @@ def find_MAP(
     idata = build_inference_data(em, result, tol=tol, max_iter=max_iter, options=options)
     if laplace:
         idata = laplace_idata(em, idata, random_seed=random_seed)
+    if var_names is not None:
+        idata = _select(idata, var_names)
+    return idata
+
+
+def _check_var_names(em: EM, var_names) -> None:
+    """Before the fit: every name is a variable of the model (or a derived name)."""
+    names = [var_names] if isinstance(var_names, str) else list(var_names)
+    known = set(em.user_model.named_vars) | set(em.model.named_vars)
+    for latent in em.latents:
+        observed = em.implicit_labels.get(latent.name)
+        known |= {f"lp_{latent.name}"} if observed is None else {f"lp_{observed}"}
+        if observed is not None:
+            known.add(f"{observed}_component")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"var_names: {unknown} are not variables of the model.")
+
+
+def _select(idata: az.InferenceData, var_names) -> az.InferenceData:
+    """Keep ``var_names`` (with their ``lp_`` and ``_component`` companions) in the
+    groups holding the estimates."""
+    names = [var_names] if isinstance(var_names, str) else list(var_names)
+    available = {n for g in ("posterior", "map") if g in idata.groups() for n in idata[g].data_vars}
+    keep = []
+    for name in names:
+        found = [n for n in (name, f"lp_{name}", f"{name}_component") if n in available]
+        if not found:
+            raise ValueError(
+                f"var_names: '{name}' is not in the result. Available: {sorted(available)}."
+            )
+        keep += [n for n in found if n not in keep]
+    for group in ("posterior", "map"):
+        if group in idata.groups():
+            dataset = idata[group]
+            idata[group] = dataset[[n for n in keep if n in dataset.data_vars]]
     return idata
 
 

@@ -36,6 +36,9 @@ __all__ = [
 #: The criteria :func:`pm_em.compare_models` can rank by.
 CRITERIA = ("aic", "bic", "icl")
 
+#: Rows of a responsibility table taken at a time (a few MB of temporaries).
+_BLOCK_ROWS = 1 << 16
+
 
 def aic(log_likelihood: float, n_params: int) -> float:
     """Akaike's information criterion, ``-2 ll + 2 k`` (lower is better)."""
@@ -70,10 +73,15 @@ def classification_entropy(log_resp: Iterable[np.ndarray]) -> float:
     total = 0.0
     for table in log_resp:
         table = np.asarray(table, dtype=float)
-        # r log r -> 0 as r -> 0: a value with zero responsibility (log r = -inf)
-        # adds nothing, and is left out rather than evaluated as 0 * -inf.
-        counted = ~np.isneginf(table)
-        total -= float(np.sum(np.exp(table[counted]) * table[counted]))
+        rows = table.reshape(1, -1) if table.ndim < 2 else table
+        # Block by block over the leading axis: the temporaries are a block, not
+        # copies of the whole (n x K) table.
+        for start in range(0, rows.shape[0], _BLOCK_ROWS):
+            block = rows[start : start + _BLOCK_ROWS]
+            # r log r -> 0 as r -> 0: a value with zero responsibility (log r = -inf)
+            # adds nothing, and is left out rather than evaluated as 0 * -inf.
+            counted = ~np.isneginf(block)
+            total -= float(np.sum(np.exp(block[counted]) * block[counted]))
     return total
 
 

@@ -8,19 +8,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from pytensor.compile.sharedvalue import SharedVariable
 from pytensor.graph.traversal import ancestors
 from scipy import optimize
 
 from pm_em.analysis import analyze_model
 from pm_em.chains import model_initial_point
 from pm_em.compile import compile_function
+from pm_em.data import DataBinding, recording_reads
 from pm_em.diagnostics import check_observed_data, explain_nonfinite_logp, model_or_context
 from pm_em.graphs import build_em_graphs
 from pm_em.implicit import explicit_model
 from pm_em.loop import EMHistory, EMState, run_em
 from pm_em.mstep import join_flat, split_flat
-from pm_em.pointwise import pointwise_loglik
+from pm_em.pointwise import direct_pointwise, pointwise_graphs, pointwise_loglik
 
 __all__ = ["EM", "FitResult", "LogResponsibilities", "cached_routine"]
 
@@ -56,32 +56,16 @@ def _routine_key(model, latent_vars, compile_kwargs) -> tuple:
         tuple(latent_vars) if latent_vars is not None else None,
         repr(sorted((compile_kwargs or {}).items())),
         tuple(model.named_vars),
-        data_shapes(model),
     )
-
-
-def data_shapes(model) -> tuple:
-    """The shapes of the model's ``pm.Data`` and the lengths of its mutable dims.
-
-    A routine is built for these: the latents' sizes, which observation depends on
-    which latent element, and the number of observations are read from the graph at
-    build time. New values of the same shape (``pm.set_data``) need no rebuild.
-    """
-    shapes = [(v.name, np.shape(v.get_value(borrow=True))) for v in model.data_vars]
-    lengths = [
-        (dim, int(np.asarray(length.get_value(borrow=True))))
-        for dim, length in model.dim_lengths.items()
-        if isinstance(length, SharedVariable)
-    ]
-    return tuple(shapes + lengths)
 
 
 def cached_routine(model, latent_vars=None, compile_kwargs=None) -> EM:
     """The model's compiled EM routine: the one already built (by :class:`EM` or a
-    previous fit) for these options, or a new one."""
+    previous fit) for these options, unless the data it was built for changed shape
+    or structure (then a new one)."""
     key = _routine_key(model, latent_vars, compile_kwargs)
     routine = _ROUTINES.get(model, {}).get(key)
-    if routine is None:
+    if routine is None or routine.data.refresh() is not None:
         routine = EM(model, latent_vars=latent_vars, compile_kwargs=compile_kwargs)
     return routine
 
@@ -122,6 +106,29 @@ def _polish(negative, theta: np.ndarray, n_steps: int = 3) -> np.ndarray:
             break
         theta, grad = candidate, candidate_grad
     return theta
+
+
+#: Rows per block when a function of an (n, K) table is taken block by block: a
+#: few MB of temporaries, whatever n.
+_BLOCK_ROWS = 1 << 16
+
+
+def most_probable(log_resp: np.ndarray, support: np.ndarray, dtype) -> np.ndarray:
+    """The most probable support value per element, ``log_resp.shape[:-1]``.
+
+    ``np.argmax`` along the last axis copies its input whole when that axis is not
+    contiguous (the E-step's responsibilities are a transposed view of its ``(K, n)``
+    table); block by block over the leading axis, only a block is copied.
+    """
+    log_resp = np.asarray(log_resp)
+    support = np.asarray(support).astype(dtype, copy=False)
+    if log_resp.ndim == 1:
+        return np.asarray(support[np.argmax(log_resp)])
+    labels = np.empty(log_resp.shape[:-1], dtype=dtype)
+    for start in range(0, log_resp.shape[0], _BLOCK_ROWS):
+        block = slice(start, start + _BLOCK_ROWS)
+        labels[block] = support[np.argmax(log_resp[block], axis=-1)]
+    return labels
 
 
 class LogResponsibilities(dict):
@@ -208,8 +215,12 @@ class EM:
         self.implicit_labels = {latent: observed for observed, latent in explicit.labels.items()}
         if latent_vars is not None and explicit.labels:
             latent_vars = [*latent_vars, *self.implicit_labels]
-        self.structure = analyze_model(self.model, latent_vars)
-        self.graphs = graphs = build_em_graphs(self.structure, closed_form=closed_form)
+        # Every pm.Data value read while the routine is derived may shape it (an index
+        # deciding which latent element an observation depends on, a constant in a
+        # closed form): recorded, so that new values make the routine stale.
+        with recording_reads() as build_reads:
+            self.structure = analyze_model(self.model, latent_vars)
+            self.graphs = graphs = build_em_graphs(self.structure, closed_form=closed_form)
         self.params = self.structure.params
         self.latents = self.structure.latents
         _report_degenerate_structure(self.structure)
@@ -217,14 +228,27 @@ class EM:
         # In the order of the M-step's responsibility inputs (ResponsibilityInputs.flat).
         posterior_outputs = []
         self._transition_slots = {}
+        # Latent name -> (slot of the joint output, shape) for the responsibilities
+        # that are a group's log W as it is: returned as a view of that output, not
+        # as a second (n x K) output of every E-step.
+        self._resp_views = {}
+        shapes = {lat.name: (*lat.shape, lat.n_support) for lat in self.structure.latents}
         for comp, post in zip(self.structure.components, graphs.posteriors):
             posterior_outputs.append(post.log_q_global)
+            for name, index in post.resp_is_group.items():
+                self._resp_views[name] = (len(posterior_outputs) + index, shapes[name])
             posterior_outputs += post.log_w_groups
             if post.transition_counts is not None:
                 self._transition_slots[comp.chain.name] = (len(posterior_outputs), comp.chain)
                 posterior_outputs.append(post.transition_counts)
-        self._marginal_names = [n for post in graphs.posteriors for n in post.log_resp]
-        marginals = [post.log_resp[n] for post in graphs.posteriors for n in post.log_resp]
+        self._resp_order = [n for post in graphs.posteriors for n in post.log_resp]
+        self._marginal_names = [n for n in self._resp_order if n not in self._resp_views]
+        marginals = [
+            post.log_resp[n]
+            for post in graphs.posteriors
+            for n in post.log_resp
+            if n not in self._resp_views
+        ]
         self._n_joint = len(posterior_outputs)
         self._n_marginals = len(marginals)
         # One call per EM iteration: the E-step and every closed-form block.
@@ -259,28 +283,22 @@ class EM:
         )
         self._compile_kwargs = compile_kwargs
         self._result_fn = None
+        self._result_layout = None
         self._chain_fn = None
-        self._data_shapes = data_shapes(self.user_model)
+        #: The data this routine was built for (:mod:`pm_em.data`).
+        self.data = DataBinding(self.user_model, self.model, build_reads)
         if closed_form:
-            key = _routine_key(self.user_model, user_latent_vars, compile_kwargs)
-            routines = _ROUTINES.setdefault(self.user_model, {})
-            # A routine built for other data shapes will not be used again.
-            for stale in [k for k in routines if k[:-1] == key[:-1]]:
-                del routines[stale]
-            routines[key] = self
+            _ROUTINES.setdefault(self.user_model, {})[
+                _routine_key(self.user_model, user_latent_vars, compile_kwargs)
+            ] = self
 
     # -- conversions -----------------------------------------------------------------
 
     def to_values(self, point: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Constrained point (by variable name) -> value-variable arrays."""
-        if data_shapes(self.user_model) != self._data_shapes:
-            changed = sorted(set(data_shapes(self.user_model)) - set(self._data_shapes))
-            raise ValueError(
-                f"The model's data changed shape since this EM routine was built "
-                f"(now {changed}): its latents' sizes and the links between observations "
-                "and latent elements were read from the old shapes. Build a new "
-                "pm_em.EM(model); find_MAP rebuilds by itself."
-            )
+        stale = self.data.refresh()
+        if stale is not None:
+            raise ValueError(f"{stale} Build a new pm_em.EM(model); find_MAP rebuilds by itself.")
         missing = [p.name for p in self.params if p.name not in point]
         if missing:
             raise ValueError(f"point is missing values for {missing}.")
@@ -347,9 +365,17 @@ class EM:
         logp, *rest = self._e_step_fn(*values)
         joint = [np.asarray(a) for a in rest[: self._n_joint]]
         end = self._n_joint + self._n_marginals
-        marginals = dict(
+        computed = dict(
             zip(self._marginal_names, (np.asarray(a) for a in rest[self._n_joint : end]))
         )
+        marginals = {}
+        for name in self._resp_order:
+            if name in self._resp_views:
+                slot, shape = self._resp_views[name]
+                # A view of the group's table: (1, K, n) -> (*latent.shape, K).
+                marginals[name] = joint[slot][0].T.reshape(shape)
+            else:
+                marginals[name] = computed[name]
         n_closed = len(self.graphs.closed_step)
         closed = [np.asarray(a) for a in rest[end : end + n_closed]]
         stats = [np.asarray(a) for a in rest[end + n_closed :]]
@@ -560,38 +586,58 @@ class EM:
         return dict(zip(names, outputs[0::2])), dict(zip(names, outputs[1::2]))
 
     def _result_outputs(self, values, labels, predictive):
-        """Deterministics and per-configuration term tables, compiled on first use
-        (once per EM object, not per fit)."""
+        """Deterministics and the pointwise log-likelihood, from one function compiled
+        on first use (once per EM object, not per fit).
+
+        A component where :func:`~pm_em.pointwise.direct_pointwise` holds gets its
+        pointwise log-likelihood computed inside the function, from term tables that
+        never leave it; the others return their per-configuration term tables, which
+        :func:`~pm_em.pointwise.pointwise_loglik` combines in NumPy.
+        """
         graphs = self.graphs
-        global_tables = [t for tab in graphs.tables for t in tab.global_term_tables]
-        group_tables = [t for tab in graphs.tables for ts in tab.group_term_tables for t in ts]
+        components = self.structure.components
         free_observed = [t for t in self.structure.latent_free_terms if t.kind == "observed"]
         if self._result_fn is None:
+            direct = [direct_pointwise(comp) for comp in components]
+            direct_graphs = [
+                pointwise_graphs(comp, tab) if is_direct else {}
+                for comp, tab, is_direct in zip(components, graphs.tables, direct)
+            ]
+            tables = [
+                []
+                if is_direct
+                else [*tab.global_term_tables, *(t for ts in tab.group_term_tables for t in ts)]
+                for tab, is_direct in zip(graphs.tables, direct)
+            ]
+            self._result_layout = (
+                direct,
+                [list(d) for d in direct_graphs],
+                [len(t) for t in tables],
+            )
             self._result_fn = compile_function(
                 graphs.values + [lat.value for lat in self.latents],
                 graphs.deterministics
-                + global_tables
-                + group_tables
-                + [t.logp for t in free_observed],
+                + [t.logp for t in free_observed]
+                + [g for d in direct_graphs for g in d.values()]
+                + [t for ts in tables for t in ts],
                 self._compile_kwargs,
             )
-        outputs = self._result_fn(*values, *(labels[lat.name] for lat in self.latents))
-        n_det = len(graphs.deterministics)
-        deterministics = {
-            d.name: np.asarray(v) for d, v in zip(self.model.deterministics, outputs[:n_det])
-        }
-        rest = [np.asarray(v) for v in outputs[n_det:]]
-        pointwise = {t.name: v for t, v in zip(free_observed, rest[-len(free_observed) :])}
-        global_values = rest[: len(global_tables)]
-        group_values = rest[len(global_tables) : len(global_tables) + len(group_tables)]
-        for comp in self.structure.components:
-            n_global_terms = len(comp.global_terms)
-            comp_global = global_values[:n_global_terms]
-            global_values = global_values[n_global_terms:]
+        direct, direct_names, n_tables = self._result_layout
+        outputs = iter(self._result_fn(*values, *(labels[lat.name] for lat in self.latents)))
+        deterministics = {d.name: np.asarray(next(outputs)) for d in self.model.deterministics}
+        pointwise = {t.name: np.asarray(next(outputs)) for t in free_observed}
+        for names in direct_names:
+            pointwise.update((name, np.asarray(next(outputs))) for name in names)
+        for comp, is_direct, n_comp_tables in zip(components, direct, n_tables):
+            if is_direct:
+                continue
+            comp_tables = [np.asarray(next(outputs)) for _ in range(n_comp_tables)]
+            comp_global = comp_tables[: len(comp.global_terms)]
+            rest = comp_tables[len(comp.global_terms) :]
             comp_groups = []
             for group in comp.groups:
-                comp_groups.append(group_values[: len(group.terms)])
-                group_values = group_values[len(group.terms) :]
+                comp_groups.append(rest[: len(group.terms)])
+                rest = rest[len(group.terms) :]
             element_prior = predictive.get(comp.chain.name) if comp.chain is not None else None
             pointwise.update(pointwise_loglik(comp, comp_global, comp_groups, element_prior))
         return deterministics, pointwise
@@ -604,13 +650,9 @@ class EM:
         probable sequence (Viterbi path) for a Markov chain."""
         paths, predictive = self._chain_outputs(state.values)
         labels = {
-            lat.name: paths[lat.name]
+            lat.name: np.asarray(paths[lat.name]).astype(lat.value.type.dtype, copy=False)
             if lat.name in paths
-            else lat.support[np.argmax(state.log_resp[lat.name], axis=-1)]
-            for lat in self.latents
-        }
-        labels = {
-            lat.name: np.asarray(labels[lat.name]).astype(lat.value.type.dtype)
+            else most_probable(state.log_resp[lat.name], lat.support, lat.value.type.dtype)
             for lat in self.latents
         }
         deterministics, pointwise = self._result_outputs(state.values, labels, predictive)

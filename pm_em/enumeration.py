@@ -26,13 +26,14 @@ against a per-configuration matrix are then turned into matrix solves
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytensor.tensor as pt
 from pymc.distributions.dist_math import check_parameters
 from pytensor.graph.basic import Variable
 from pytensor.graph.replace import vectorize_graph
+from pytensor.tensor.basic import Alloc
 
 from pm_em.analysis import Component, ElementGroup, ModelStructure
 from pm_em.collapse import latent_mask, plan_collapse, vectorize_collapsed
@@ -44,9 +45,11 @@ from pm_em.rewrites import batch_solves
 __all__ = [
     "ComponentPosterior",
     "ComponentTables",
+    "attribute_to_elements",
     "build_tables",
     "logsumexp",
     "posterior_from_tables",
+    "unbroadcast",
 ]
 
 
@@ -73,12 +76,18 @@ class ComponentTables:
     group_term_tables : list of list of Variable
         Per group, each of its terms per joint configuration, ``(Kg * Ke, *term.shape)``
         (for pointwise log-likelihoods).
+    group_term_compact : list of list of Variable
+        The same terms before they are broadcast: only broadcastable to
+        ``(Kg * Ke, *term.shape)``, so that a term constant over the elements (a
+        latent's prior ``log w[k]``) stays ``(Kg * Ke, 1, ...)`` where a graph can use
+        it as it is.
     """
 
     global_table: Variable
     group_tables: list[Variable]
     global_term_tables: list[Variable]
     group_term_tables: list[list[Variable]]
+    group_term_compact: list[list[Variable]]
 
 
 @dataclass
@@ -97,6 +106,11 @@ class ComponentPosterior:
         Latent name -> log responsibilities, shaped ``latent.shape + (n_support,)``.
     transition_counts : Variable or None
         For a Markov chain: the expected transition counts per sequence, ``(B, K, K)``.
+    resp_is_group : dict
+        Latent name -> index of the group whose ``log W`` ``(1, K, n)`` holds its log
+        responsibilities as they are (a latent enumerated alone, no globals): its
+        ``log_resp`` is then that table transposed, which a caller can take as a view
+        of the group's table rather than compute (and store) a second copy.
     """
 
     log_marginal: Variable
@@ -104,6 +118,7 @@ class ComponentPosterior:
     log_w_groups: list[Variable]
     log_resp: dict[str, Variable]
     transition_counts: Variable | None = None
+    resp_is_group: dict[str, int] = field(default_factory=dict)
 
 
 def _vectorize(terms: list, replace: dict, names: list[str]) -> list[Variable]:
@@ -188,7 +203,20 @@ def _batched_value(latent: LatentSpec, values: np.ndarray) -> Variable:
     return pt.broadcast_to(_standin_value(latent, values), (len(values), *latent.shape))
 
 
-def _attribute(term_batched: Variable, owner: np.ndarray, n: int) -> tuple[Variable, Variable]:
+def unbroadcast(x: Variable) -> Variable:
+    """``x`` without the broadcasts (``Alloc``, what ``pt.broadcast_to`` builds) at its
+    output: the same values, broadcastable to ``x``'s shape, for graphs that would
+    otherwise allocate ``x`` whole (a latent's prior ``log w[k]`` broadcast to every
+    element is ``(K, 1)`` underneath)."""
+    while x.owner is not None and isinstance(x.owner.op, Alloc):
+        value = x.owner.inputs[0]
+        x = pt.shape_padleft(value, x.ndim - value.ndim)
+    return x
+
+
+def attribute_to_elements(
+    term_batched: Variable, owner: np.ndarray, n: int
+) -> tuple[Variable, Variable]:
     """Split a batched term ``(C, *shape)`` into its per-element part ``(C, n)`` and
     the part that depends on no element ``(C,)``."""
     n_configs = term_batched.shape[0]
@@ -219,17 +247,17 @@ def _group_table(group: ElementGroup, globals_: list[LatentSpec], n_global: int)
     batched = _batched_terms(terms, globals_ + group.latents, values)
     element_total = pt.zeros((n_configs, group.n_elements))
     unowned_total = pt.zeros((n_configs,))
-    batched = [
+    full = [
         pt.broadcast_to(term_batched, (n_configs, *owner.shape))
         for (_, owner), term_batched in zip(group.terms, batched)
     ]
-    for (_, owner), term_batched in zip(group.terms, batched):
-        element_part, unowned_part = _attribute(term_batched, owner, group.n_elements)
+    for (_, owner), term_batched in zip(group.terms, full):
+        element_part, unowned_part = attribute_to_elements(term_batched, owner, group.n_elements)
         element_total = element_total + element_part
         unowned_total = unowned_total + unowned_part
     table = element_total.reshape((n_global, n_group, group.n_elements))
     # The unowned part does not vary with the group's configuration.
-    return table, unowned_total.reshape((n_global, n_group))[:, 0], batched
+    return table, unowned_total.reshape((n_global, n_group))[:, 0], full, batched
 
 
 def build_tables(component: Component) -> ComponentTables:
@@ -247,13 +275,16 @@ def build_tables(component: Component) -> ComponentTables:
             term_batched = pt.broadcast_to(term_batched, (n_global, *term.shape))
             global_term_tables.append(term_batched)
             global_table = global_table + term_batched.reshape((n_global, -1)).sum(axis=1)
-    group_tables, group_term_tables = [], []
+    group_tables, group_term_tables, group_term_compact = [], [], []
     for group in component.groups:
-        table, unowned, term_tables = _group_table(group, component.globals, n_global)
+        table, unowned, term_tables, compact = _group_table(group, component.globals, n_global)
         group_tables.append(table)
         group_term_tables.append(term_tables)
+        group_term_compact.append(compact)
         global_table = global_table + unowned
-    return ComponentTables(global_table, group_tables, global_term_tables, group_term_tables)
+    return ComponentTables(
+        global_table, group_tables, global_term_tables, group_term_tables, group_term_compact
+    )
 
 
 def posterior_from_tables(component: Component, tables: ComponentTables) -> ComponentPosterior:
@@ -270,14 +301,14 @@ def posterior_from_tables(component: Component, tables: ComponentTables) -> Comp
         log_q_global[:, None, None] + table - marginal[:, None, :]
         for table, marginal in zip(tables.group_tables, element_marginals)
     ]
-    log_resp = {}
+    log_resp, resp_is_group = {}, {}
     sizes = [lat.n_support for lat in component.globals]
     for axis, lat in enumerate(component.globals):
         joint = log_q_global.reshape(sizes)
         other = tuple(a for a in range(len(sizes)) if a != axis)
         marginal = logsumexp(joint, axis=other) if other else joint
         log_resp[lat.name] = marginal.reshape((*lat.shape, lat.n_support))
-    for group, log_w in zip(component.groups, log_w_groups):
+    for index, (group, log_w) in enumerate(zip(component.groups, log_w_groups)):
         sizes = [lat.n_support for lat in group.latents]
         joint = log_w.reshape((log_w.shape[0], *sizes, group.n_elements))
         for axis, lat in enumerate(group.latents):
@@ -285,11 +316,14 @@ def posterior_from_tables(component: Component, tables: ComponentTables) -> Comp
                 # Nothing to sum out: the joint is the latent's own posterior (and a
                 # log-sum-exp would cost a few n x K temporaries every iteration).
                 marginal = log_w[0]
+                resp_is_group[lat.name] = index
             else:
                 other = (0,) + tuple(a + 1 for a in range(len(sizes)) if a != axis)
                 marginal = logsumexp(joint, axis=other)  # (n_support, n)
             log_resp[lat.name] = marginal.T.reshape((*lat.shape, lat.n_support))
-    return ComponentPosterior(log_marginal, log_q_global, log_w_groups, log_resp)
+    return ComponentPosterior(
+        log_marginal, log_q_global, log_w_groups, log_resp, resp_is_group=resp_is_group
+    )
 
 
 def chain_emissions(component: Component, table: Variable) -> Variable:

@@ -12,13 +12,16 @@ from pymc.logprob.utils import ParameterValueError
 
 from pm_em.degenerate import Collapse, find_collapse, find_empty_components
 from pm_em.errors import DegenerateSolutionWarning, EMConvergenceWarning
+from pm_em.precision import LoopTolerances, Settling, loop_tolerances
 
 __all__ = ["EMHistory", "EMIteration", "EMState", "run_em"]
 
 # A decrease of the observed-data log-posterior beyond this (relative) size is not
 # rounding: EM never decreases it.
 _DECREASE_TOLERANCE = 1e-8
-# Relative rounding of a log-posterior summed over the data.
+# Relative rounding of a log-posterior summed over the data. Both in float64: a
+# float32 model (floatX="float32") gets allowances scaled to its precision instead
+# (pm_em.precision).
 _ROUNDING = 1e-13
 
 
@@ -96,9 +99,26 @@ def safe_e_step(em, values) -> tuple[float, object]:
         return float("nan"), None
 
 
-def has_converged(previous: float, current: float, tol: float, n_observations: int) -> bool:
-    """The convergence criterion: change of the log-posterior per observation below tol."""
-    return abs(current - previous) / n_observations < tol
+def has_converged(
+    previous: float,
+    current: float,
+    tol: float,
+    n_observations: int,
+    tolerances: LoopTolerances | None = None,
+    moved: float = 0.0,
+) -> bool:
+    """The convergence criterion: change of the log-posterior per observation below
+    tol.
+
+    In float32 (``tolerances.blurred``) that change is blurred by rounding: below
+    the rounding it counts as converged too, and either way the values must have
+    settled (``moved``, from :class:`pm_em.precision.Settling`).
+    """
+    change = abs(current - previous)
+    if tolerances is None or not tolerances.blurred:
+        return change / n_observations < tol
+    within = change / n_observations < tol or change < tolerances.stall * max(1.0, abs(previous))
+    return within and moved < tolerances.moved
 
 
 def run_em(
@@ -138,10 +158,11 @@ def run_em(
     """
     if accelerate not in (None, "squarem"):
         raise ValueError(f"accelerate must be None or 'squarem', got {accelerate!r}.")
-    logp, log_resp = em._e_step_values(values)
-    state = EMState(values, logp, log_resp)
-    history = EMHistory(logp=[logp], n_e_steps=1)
-    if not np.isfinite(logp):
+    # No local name for the first responsibilities: it would keep that n x K table
+    # alive for the whole run, beside the current state's.
+    state = EMState(values, *em._e_step_values(values))
+    history = EMHistory(logp=[state.logp], n_e_steps=1)
+    if not np.isfinite(state.logp):
         return state, history
     steps = _iterations(em, state, history, tol, max_iter, accelerate, warn)
     completed = 0
@@ -188,6 +209,8 @@ def _iterations(em, state, history, tol, max_iter, accelerate, warn):
 
     start = state.values
     n_obs = em.structure.n_observations
+    tolerances = loop_tolerances(em.structure.float_eps, _ROUNDING, _DECREASE_TOLERANCE)
+    settling = Settling(em, start) if tolerances.blurred else None
     step = SquaremStep()
     for iteration in range(1, max_iter + 1):
         previous = state.logp
@@ -195,7 +218,7 @@ def _iterations(em, state, history, tol, max_iter, accelerate, warn):
             # An extrapolated step is accepted only if it does not lower the
             # log-posterior beyond rounding (far below tol), which keeps the trace
             # monotone; otherwise SQUAREM falls back toward plain EM.
-            tolerance = _ROUNDING * max(1.0, abs(previous))
+            tolerance = tolerances.rounding * max(1.0, abs(previous))
             new_state, n_e_steps = squarem_cycle(em, state, step, tolerance, tol * n_obs)
         else:
             new_values = em._m_step_values(state.values, state.log_resp)
@@ -210,7 +233,7 @@ def _iterations(em, state, history, tol, max_iter, accelerate, warn):
         state = new_state
         logp = state.logp
         history.logp.append(logp)
-        if logp < previous - _DECREASE_TOLERANCE * max(1.0, abs(previous)):
+        if logp < previous - tolerances.decrease * max(1.0, abs(previous)):
             warnings.warn(
                 f"The observed-data log-posterior decreased at iteration {iteration} "
                 f"({previous:.10g} -> {logp:.10g}); EM should never decrease it. This "
@@ -218,7 +241,8 @@ def _iterations(em, state, history, tol, max_iter, accelerate, warn):
                 EMConvergenceWarning,
                 stacklevel=4,
             )
-        history.converged = has_converged(previous, logp, tol, n_obs)
+        moved = settling.move(state.values) if settling is not None else 0.0
+        history.converged = has_converged(previous, logp, tol, n_obs, tolerances, moved)
         yield iteration, state
         if history.converged:
             return

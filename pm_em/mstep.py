@@ -96,11 +96,18 @@ def flatten_params(params: list[ParamSpec], graphs: list[Variable]) -> tuple[Var
 
 
 def split_flat(params: list[ParamSpec], flat: np.ndarray) -> dict[str, np.ndarray]:
-    """Inverse of the flattening: value-variable name -> array."""
+    """Inverse of the flattening: value-variable name -> array, in the value
+    variable's dtype.
+
+    The optimizer works in float64; a float32 model (``floatX="float32"``) evaluates
+    its point rounded to float32, so that is what the point holds too (a no-op for
+    float64).
+    """
     values, offset = {}, 0
     for p in params:
         size = p.value_size
-        values[p.value.name] = np.asarray(flat[offset : offset + size]).reshape(p.value_shape)
+        piece = np.asarray(flat[offset : offset + size]).reshape(p.value_shape)
+        values[p.value.name] = piece.astype(p.value.type.dtype, copy=False)
         offset += size
     return values
 

@@ -8,17 +8,116 @@ is then split by the chain rule, ``log p(x_j | x_1, ..., x_{j-1})`` in the order
 the model's variables and of their elements, so the pieces always add up to the
 exact observed-data log-likelihood.
 
-Runs once per fit, in NumPy, on the per-configuration term tables.
+Where every element has at most one observation and there is no global latent
+(mixtures, zero-inflation, most models), each piece is ``log sum_k p(z_i = k) p(x_i | k)
+- log sum_k p(z_i = k)``: :func:`pointwise_graphs` builds it symbolically, so that it is
+computed in the compiled result function next to the term tables it reads, which are
+then never returned (at large n each would be an n x K array). Otherwise the pieces
+are computed once per fit, in NumPy, from the per-configuration term tables
+(:func:`pointwise_loglik`).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import pytensor.tensor as pt
+from pytensor.graph.basic import Variable
 from scipy.special import logsumexp
 
 from pm_em.analysis import Component
+from pm_em.enumeration import ComponentTables, attribute_to_elements, unbroadcast
+from pm_em.enumeration import logsumexp as symbolic_logsumexp
 
-__all__ = ["pointwise_loglik"]
+__all__ = ["direct_pointwise", "pointwise_graphs", "pointwise_loglik"]
+
+
+def direct_pointwise(component: Component) -> bool:
+    """Whether :func:`pointwise_graphs` applies: no global latent or term, no Markov
+    chain, every entry of every term owned by an element, and at most one observed
+    entry per element (no chain rule over several observations of one element)."""
+    if component.chain is not None or component.global_terms or component.n_global_configs != 1:
+        return False
+    for group in component.groups:
+        observed = []
+        for term, owner in group.terms:
+            flat_owner = owner.ravel()
+            if (flat_owner < 0).any():
+                return False
+            if term.kind == "observed":
+                observed.append(flat_owner)
+        if observed:
+            owners = np.concatenate(observed)
+            if np.unique(owners).size != owners.size:
+                return False
+    return True
+
+
+def _rows(table: Variable, owner: np.ndarray, n_configs: int) -> Variable:
+    """A term's compact table (broadcastable to ``(C, *owner.shape)``) as ``(C, m)``
+    over its flattened entries, or ``(C, 1)`` when it is the same for every entry:
+    nothing is broadcast to the elements that need not be (a latent's prior
+    ``log w[k]`` stays ``(K, 1)``)."""
+    table = unbroadcast(table)
+    if owner.ndim == 1 and table.ndim == 2:
+        rows = table
+    else:
+        full = pt.broadcast_to(table, (n_configs, *owner.shape))
+        rows = full.reshape((n_configs, owner.size))
+    if rows.type.shape[0] != n_configs:
+        # A term that does not vary with the configuration still counts once per
+        # configuration in the sum over them.
+        rows = pt.broadcast_to(rows, (n_configs, rows.shape[1]))
+    return rows
+
+
+def pointwise_graphs(component: Component, tables: ComponentTables) -> dict[str, Variable]:
+    """Pointwise log-likelihood of the observed terms of a component for which
+    :func:`direct_pointwise` holds, as graphs.
+
+    Element ``i``'s prior over its group's configurations ``k`` is the sum of the
+    group's other terms, ``prior[k, i]``; an observed entry ``j`` of element ``i``
+    with log-probability ``c[k, j]`` gets ``logsumexp_k (prior[k, i] + c[k, j]) -
+    logsumexp_k prior[k, i]`` (what :func:`pointwise_loglik` computes, in one pass).
+
+    Returns
+    -------
+    dict
+        Observed variable name -> graph of its pointwise log-likelihood, shaped like
+        its term.
+    """
+    result = {}
+    for group, compact in zip(component.groups, tables.group_term_compact):
+        n_configs, n = group.n_configs, group.n_elements
+        prior = None
+        for (term, owner), table in zip(group.terms, compact):
+            if term.kind == "observed":
+                continue
+            flat_owner = owner.ravel()
+            if flat_owner.size == n and (flat_owner == np.arange(n)).all():
+                part = _rows(table, owner, n_configs)
+            else:
+                full = pt.broadcast_to(table, (n_configs, *owner.shape))
+                part, _ = attribute_to_elements(full, owner, n)
+            prior = part if prior is None else prior + part
+        if prior is None:
+            prior = pt.zeros((n_configs, 1))
+        log_normalizer = symbolic_logsumexp(prior, axis=0)
+        for (term, owner), table in zip(group.terms, compact):
+            if term.kind != "observed":
+                continue
+            flat_owner = owner.ravel()
+            element_prior, normalizer = prior, log_normalizer
+            identity = flat_owner.size == n and (flat_owner == np.arange(n)).all()
+            if not identity and prior.type.shape[1] != 1:
+                # The prior of each entry's element (broadcast first, in case the
+                # prior is the same for every element without that being static).
+                index = pt.constant(flat_owner)
+                element_prior = pt.broadcast_to(prior, (n_configs, n))[:, index]
+                normalizer = pt.broadcast_to(log_normalizer, (n,))[index]
+            joint = element_prior + _rows(table, owner, n_configs)
+            piece = symbolic_logsumexp(joint, axis=0) - normalizer
+            result[term.name] = pt.broadcast_to(piece, (flat_owner.size,)).reshape(owner.shape)
+    return result
 
 
 def _chain(start: np.ndarray, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

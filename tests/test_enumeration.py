@@ -25,6 +25,8 @@ from scipy.special import logsumexp
 import pm_em
 from pm_em.analysis import analyze_model
 from pm_em.collapse import latent_mask, plan_collapse, vectorize_collapsed
+from pm_em.em import most_probable
+from pm_em.pointwise import direct_pointwise, pointwise_loglik
 from pm_em.rewrites import local_matrix_b_solve
 
 
@@ -125,6 +127,19 @@ def truncated_poisson_model():
     return model
 
 
+def scattered_observations_model():
+    # Observations of some latent elements only, out of order, by two variables: each
+    # element has at most one, so the pointwise log-likelihood is computed directly
+    # (pm_em.pointwise.direct_pointwise), through the owner indices.
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", np.ones(3))
+        mu = pm.Normal("mu", 0, 5, shape=3)
+        z = pm.Categorical("z", p=w, shape=5)
+        pm.Normal("x", mu[z[np.array([4, 0, 2])]], 1.0, observed=np.array([0.3, 2.0, -1.0]))
+        pm.Normal("y", mu[z[np.array([1, 3])]], 2.0, observed=np.array([1.5, 4.0]))
+    return model
+
+
 MODELS = {
     "mixture": mixture_model,
     "repeated_measures": repeated_measures_model,
@@ -132,6 +147,7 @@ MODELS = {
     "global_latent": global_latent_model,
     "binomial_latent": binomial_latent_model,
     "truncated_poisson": truncated_poisson_model,
+    "scattered_observations": scattered_observations_model,
 }
 
 
@@ -182,6 +198,39 @@ def test_pointwise_loglik_sums_to_observed_loglik(routine):
     prior = sum(pm.logp(p.rv, point[p.name]).sum().eval() for p in routine.params)
     total = sum(idata.log_likelihood[name].sum().item() for name in idata.log_likelihood)
     assert np.isclose(total, log_marginal - prior, rtol=1e-8)
+
+
+def test_direct_pointwise_matches_the_chain_rule_path(routine):
+    # Where the pointwise log-likelihood is computed inside the compiled result
+    # function (pm_em.pointwise.direct_pointwise), it equals the general chain-rule
+    # computation on the per-configuration term tables.
+    em = routine
+    point = em.initial_point(random_seed=2)
+    values = em.to_values(point)
+    log_resp = em.e_step(point)
+    labels = {
+        lat.name: most_probable(log_resp[lat.name], lat.support, lat.value.type.dtype)
+        for lat in em.latents
+    }
+    _, pointwise = em._result_outputs(values, labels, {})
+    for comp, tables in zip(em.structure.components, em.graphs.tables):
+        if not direct_pointwise(comp):
+            continue
+        groups = [list(ts) for ts in tables.group_term_tables]
+        outputs = [t for ts in groups for t in ts]
+        evaluate = pytensor.function(em.graphs.values, outputs, on_unused_input="ignore")
+        flat = iter(evaluate(*values))
+        group_values = [[np.asarray(next(flat)) for _ in ts] for ts in groups]
+        expected = pointwise_loglik(comp, [], group_values)
+        for name, value in expected.items():
+            np.testing.assert_allclose(pointwise[name], value, rtol=1e-12, atol=1e-12)
+
+
+def test_direct_pointwise_is_for_one_observation_per_element():
+    for name in ("mixture", "scattered_observations"):
+        assert all(direct_pointwise(c) for c in compiled(name).structure.components)
+    for name in ("repeated_measures", "global_latent"):
+        assert not any(direct_pointwise(c) for c in compiled(name).structure.components)
 
 
 def test_plain_dict_rejected_for_jointly_enumerated_latents():

@@ -152,3 +152,16 @@ def test_latent_without_dependents_keeps_its_prior():
     idata = pm_em.find_MAP(model, progressbar=False)
     np.testing.assert_allclose(np.exp(idata.posterior["lp_z"].values[0, 0]), [[0.7, 0.3]] * 2)
     np.testing.assert_array_equal(idata.posterior["z"].values[0, 0], [0, 0])
+
+
+def test_var_names_select_the_posterior(model, fitted):
+    _, full = fitted
+    start = {"mu": np.array([1.0, 6.0])}
+    idata = pm_em.find_MAP(
+        model, initvals=start, random_seed=1, progressbar=False, var_names=["mu", "z", "gap"]
+    )
+    assert set(idata.posterior.data_vars) == {"mu", "gap", "z", "lp_z"}
+    assert idata.posterior["mu"].dims == ("chain", "draw", "component")
+    np.testing.assert_array_equal(idata.posterior["mu"].values, full.posterior["mu"].values)
+    with pytest.raises(ValueError, match=r"var_names: \['nope'\] are not variables"):
+        pm_em.find_MAP(model, var_names=["nope"], progressbar=False)

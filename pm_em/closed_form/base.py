@@ -331,7 +331,9 @@ class ClosedFormContext:
             rng.uniform(0.5, 2.0, size=total) if positive else rng.normal(size=total)
             for _ in range(_SELECTION_TRIALS)
         ]
-        probes = [codes, codes + 1.0, *draws]
+        # Each probe as the parameters' own dtype holds it (float32 under
+        # floatX="float32"), so that an exact selection reproduces it exactly.
+        probes = [_representable(p, params, sizes) for p in (codes, codes + 1.0, *draws)]
         outputs = []
         for probe in probes:
             split = np.split(probe, np.cumsum(sizes)[:-1])
@@ -349,22 +351,47 @@ class ClosedFormContext:
             values = [np.asarray(v, dtype=float) for v in evaluate_once([], outputs, [])]
         except Exception:  # noqa: BLE001 - any failure means "not a selection"
             return None
+        code_tol, draw_tol = _exactness(graph.dtype, total)
         coded, shifted = values[0], values[1]
         step = shifted - coded
-        is_param = np.isclose(step, 1.0, rtol=0, atol=1e-9)
-        if not (is_param | np.isclose(step, 0.0, rtol=0, atol=1e-9)).all():
+        is_param = np.isclose(step, 1.0, rtol=0, atol=code_tol)
+        if not (is_param | np.isclose(step, 0.0, rtol=0, atol=code_tol)).all():
             return None
         ids = np.where(is_param, np.rint(coded).astype(np.int64) - 1, -1)
         constants = np.where(is_param, 0.0, coded)
-        if not np.allclose(coded[is_param], ids[is_param] + 1, rtol=0, atol=1e-9):
+        if not np.allclose(coded[is_param], ids[is_param] + 1, rtol=0, atol=code_tol):
             return None
         if (ids >= total).any() or (ids[is_param] < 0).any():
             return None
         for probe, value in zip(probes[2:], values[2:]):
             expected = np.where(ids >= 0, probe[np.maximum(ids, 0)], constants)
-            if not np.allclose(value, expected, rtol=1e-12, atol=1e-12):
+            if not np.allclose(value, expected, rtol=draw_tol, atol=draw_tol):
                 return None
         return Selection(ids=ids, constants=constants, params=list(params))
+
+
+def _exactness(dtype: str, total: int) -> tuple[float, float]:
+    """Tolerances of the selection test: on the coded probes (absolute, codes up to
+    ``total``) and on the random ones (relative and absolute).
+
+    float64's are fixed. A float32 graph (``floatX="float32"``) reproduces a
+    selection only up to its own rounding (``(tau ** -0.5) ** -2`` is ``tau`` to a
+    few ulps): some ulps of float32's epsilon then, still far too tight for any real
+    transformation to pass.
+    """
+    eps = np.finfo(dtype).eps if np.issubdtype(dtype, np.floating) else 0.0
+    if eps <= np.finfo(np.float64).eps:
+        return 1e-9, 1e-12
+    return 64 * eps * total, 64 * eps
+
+
+def _representable(probe: np.ndarray, params: list[ParamSpec], sizes: list[int]) -> np.ndarray:
+    """``probe`` (float64, the parameters' entries concatenated) rounded to each
+    parameter's dtype; unchanged for float64 parameters."""
+    pieces = np.split(probe, np.cumsum(sizes)[:-1])
+    return np.concatenate(
+        [piece.astype(p.rv.type.dtype).astype(float) for p, piece in zip(params, pieces)]
+    )
 
 
 def _first_steps(log_w: Variable, chain: ChainSpec) -> Variable:

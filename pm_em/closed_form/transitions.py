@@ -52,13 +52,14 @@ def _normalized_rows(counts, concentration, current):
     probability vector (no counts under a flat prior: 0 / 0) keeps its current value.
 
     A probability that underflows to exactly 0 is kept at the smallest positive
-    float instead: the simplex transform maps 0 to an infinite value, from which the
-    point could not be mapped back.
+    float of the parameter's dtype instead (float32's under ``floatX="float32"``, or
+    the cast to it would give 0 again): the simplex transform maps 0 to an infinite
+    value, from which the point could not be mapped back.
     """
     pseudo = counts + pt.constant(concentration - 1.0)
     new = pseudo / pseudo.sum(axis=-1, keepdims=True)
     proper = pt.all(finite(new), axis=-1, keepdims=True) & (pseudo.sum(axis=-1, keepdims=True) > 0)
-    return pt.switch(proper, pt.maximum(new, np.finfo(np.float64).tiny), current)
+    return pt.switch(proper, pt.maximum(new, np.finfo(current.dtype).tiny), current)
 
 
 def markov_transitions(ctx, param) -> ClosedFormUpdate | None:

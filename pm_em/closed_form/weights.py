@@ -14,6 +14,7 @@ from pytensor.tensor.random.basic import CategoricalRV
 
 from pm_em.closed_form._priors import prior_constants, prior_family
 from pm_em.closed_form.base import ClosedFormUpdate, finite
+from pm_em.enumeration import unbroadcast
 
 __all__ = ["categorical_weights"]
 
@@ -41,8 +42,17 @@ def categorical_weights(ctx, param) -> ClosedFormUpdate | None:
         if selection is None or not (selection.ids == np.arange(size)).all():
             return None
         values = ctx.value_table(entries)  # (K or 1, J) category codes
-        one_hot = pt.eq(values[..., None], pt.arange(size))
-        counts += (entries.weights[..., None] * one_hot).sum(axis=(0, 1))
+        codes = unbroadcast(values)
+        if codes.type.shape[1] == 1:
+            # The latent's own term: one code per configuration. Summing the
+            # responsibilities over the entries first (a reduction PyTensor fuses
+            # with their exp) leaves nothing the size of the table to allocate.
+            one_hot = pt.eq(codes[:, 0, None], pt.arange(size))  # (K or 1, size)
+            counts += (entries.weights.sum(axis=1)[:, None] * one_hot).sum(axis=0)
+        else:
+            # Codes per entry (observed labels): one masked sum per category, rather
+            # than a (K, J, size) product.
+            counts += pt.stack([(entries.weights * pt.eq(values, c)).sum() for c in range(size)])
     if not ctx.users(param):
         return None
     new = (counts + pt.constant(concentration) - 1) / (counts.sum() + concentration.sum() - size)
