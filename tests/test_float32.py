@@ -15,6 +15,7 @@ import pytensor
 import pytest
 
 import pm_em
+from pm_em.analysis import analyze_model
 from pm_em.compile import _cast
 from pm_em.em import cached_routine
 from pm_em.loop import _DECREASE_TOLERANCE, _ROUNDING
@@ -191,8 +192,16 @@ def test_step_by_step_and_laplace(normal):
 
 
 def test_float64_tolerances_are_unchanged():
-    """float64 runs exactly as before: its constants, no stall rule."""
+    """float64 runs exactly as before: its constants, no stall rule; also for a model
+    with float32 terms (a density of literals alone, as ``Uniform(0.0, 1.0)``'s)."""
     eps64 = float(np.finfo(np.float64).eps)
+    with pytensor.config.change_flags(floatX="float64"):
+        with pm.Model() as model:
+            p = pm.Uniform("p", 0.0, 1.0, shape=2)
+            coin = pm.Bernoulli("coin", p=np.float64(0.5), shape=5)
+            pm.Binomial("heads", n=10, p=p[coin], observed=np.arange(5))
+        structure = analyze_model(model)
+    assert structure.float_eps == eps64
     assert loop_tolerances(eps64, _ROUNDING, _DECREASE_TOLERANCE) == (
         _ROUNDING,
         _DECREASE_TOLERANCE,
