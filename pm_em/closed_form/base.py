@@ -315,10 +315,12 @@ class ClosedFormContext:
         leading = entries.n_configs
         full = (leading, *entries.batch_shape, *core_shape)
         try:
-            graph = pt.broadcast_to(graph, full)
+            pt.broadcast_to(graph, full)
         except ValueError:  # static shapes that cannot broadcast: not this pattern
             return None
-        graph = graph.reshape((leading, entries.n_entries, *core_shape))
+        # The probes are evaluated and checked on the graph as it is, broadcast to the
+        # entries only at the end (as views): ``p=w`` is (1, K) per probe instead of
+        # a K x n x K table, which at n = 1e6 cost gigabytes at build time.
         sizes = [int(np.prod(p.shape, dtype=int)) for p in params]
         total = sum(sizes)
         if total == 0:
@@ -351,6 +353,8 @@ class ClosedFormContext:
             values = [np.asarray(v, dtype=float) for v in evaluate_once([], outputs, [])]
         except Exception:  # noqa: BLE001 - any failure means "not a selection"
             return None
+        if not values or any(v.shape != values[0].shape for v in values):
+            return None
         code_tol, draw_tol = _exactness(graph.dtype, total)
         coded, shifted = values[0], values[1]
         step = shifted - coded
@@ -367,7 +371,14 @@ class ClosedFormContext:
             expected = np.where(ids >= 0, probe[np.maximum(ids, 0)], constants)
             if not np.allclose(value, expected, rtol=draw_tol, atol=draw_tol):
                 return None
-        return Selection(ids=ids, constants=constants, params=list(params))
+        try:
+            ids, constants = (np.broadcast_to(a, full) for a in (ids, constants))
+        except (ValueError, TypeError):  # shapes that do not broadcast: not this pattern
+            return None
+        shape = (leading, entries.n_entries, *core_shape)
+        return Selection(
+            ids=ids.reshape(shape), constants=constants.reshape(shape), params=list(params)
+        )
 
 
 def _exactness(dtype: str, total: int) -> tuple[float, float]:
