@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 from cases import GMM1D, ZIP, gmm1d_model
+from rss import reset_rss_peak, status_bytes
 
 RESULT_PREFIX = "MEMORY-RESULT "
 PHASES = ("build", "loop", "finish", "find_map")
@@ -110,27 +111,6 @@ SPECS = {
 # --- measuring, in the worker -------------------------------------------------------
 
 
-def _status_bytes(key: str) -> int | None:
-    """A ``/proc/self/status`` figure (``VmRSS``, ``VmHWM``) in bytes, if Linux."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure(fn: Callable[[], Any]) -> tuple[Any, dict[str, float | None]]:
     """Call ``fn`` once; its result and its peaks above the level at the start.
 
@@ -143,8 +123,8 @@ def measure(fn: Callable[[], Any]) -> tuple[Any, dict[str, float | None]]:
         figures None where Linux's counters are unavailable) and ``seconds``.
     """
     gc.collect()
-    rss_before = _status_bytes("VmRSS")
-    can_reset = _reset_rss_peak()
+    rss_before = status_bytes("VmRSS")
+    can_reset = reset_rss_peak()
     tracemalloc.start()
     baseline, _ = tracemalloc.get_traced_memory()
     start = time.perf_counter()
@@ -152,7 +132,7 @@ def measure(fn: Callable[[], Any]) -> tuple[Any, dict[str, float | None]]:
     seconds = time.perf_counter() - start
     held, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    rss_peak, rss_now = _status_bytes("VmHWM"), _status_bytes("VmRSS")
+    rss_peak, rss_now = status_bytes("VmHWM"), status_bytes("VmRSS")
     known = can_reset and rss_before is not None and rss_peak is not None
     return result, {
         "traced_peak": peak - baseline,

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from cases import CASES, Case
 from peers import COMPILING, PEERS, Fit, make_fit
+from rss import reset_rss_peak, status_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -157,26 +158,8 @@ def timed(fn: Callable[[], Any], budget: float | None) -> tuple[float, Any]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def _proc_status_mb(key: str) -> float | None:
-    """A ``/proc/self/status`` memory figure (``VmRSS``, ``VmHWM``) in MB, if Linux."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024 / 1e6
-    except OSError:
-        pass
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    """Reset the process's RSS high-water mark (Linux ``clear_refs``)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as clear_refs:
-            clear_refs.write("5")
-        return True
-    except OSError:
-        return False
+def _mb(n_bytes: int | None) -> float | None:
+    return None if n_bytes is None else n_bytes / 1e6
 
 
 def measure_memory(fn: Callable[[], Any], budget: float | None) -> tuple[float, float | None]:
@@ -193,8 +176,8 @@ def measure_memory(fn: Callable[[], Any], budget: float | None) -> tuple[float, 
     rss_mb : float or None
         ``None`` where the RSS high-water mark cannot be reset.
     """
-    rss_before = _proc_status_mb("VmRSS")
-    can_reset = _reset_rss_peak()
+    rss_before = _mb(status_bytes("VmRSS"))
+    can_reset = reset_rss_peak()
     tracemalloc.start()
     try:
         baseline, _ = tracemalloc.get_traced_memory()
@@ -202,7 +185,7 @@ def measure_memory(fn: Callable[[], Any], budget: float | None) -> tuple[float, 
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    rss_peak = _proc_status_mb("VmHWM")
+    rss_peak = _mb(status_bytes("VmHWM"))
     rss = rss_peak - rss_before if can_reset and rss_peak and rss_before else None
     return (peak - baseline) / 1e6, rss
 
@@ -253,7 +236,7 @@ def worker(args: argparse.Namespace) -> None:
         def job() -> Fit:
             return make_fit(args.peer, case, x, args.tol, args.max_iter, args.seed)()
 
-    rss_before = _proc_status_mb("VmRSS")
+    rss_before = _mb(status_bytes("VmRSS"))
     try:
         seconds, fit = timed(job, args.max_seconds)
         record.update(status="ok", seconds=seconds)
@@ -263,7 +246,7 @@ def worker(args: argparse.Namespace) -> None:
         record.update(status="timeout")
     except Exception as error:  # noqa: BLE001  (reported, not hidden)
         record.update(status="error", note=_describe(error))
-    rss_peak = _proc_status_mb("VmHWM")
+    rss_peak = _mb(status_bytes("VmHWM"))
     if rss_peak and rss_before:
         record["rss_peak_mb"] = rss_peak - rss_before
     import pytensor
