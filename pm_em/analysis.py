@@ -28,6 +28,7 @@ from pm_em.data import recording_reads
 from pm_em.dependence import build_owner_graphs
 from pm_em.errors import UnsupportedModelError
 from pm_em.latents import InfiniteSupportError, LatentSpec, is_discrete, support_bounds
+from pm_em.rewrites import split_advanced_indexing
 
 __all__ = [
     "Component",
@@ -369,6 +370,8 @@ def _terms(model, latent_rvs) -> list[Term]:
     variables = model.basic_RVs + model.potentials
     # One call for all terms: each call rewrites the whole log-probability graph.
     logps = model.logp(vars=variables, jacobian=False, sum=False)
+    # beta[z, :] as beta[z]: PyTensor enumerates (vectorizes) the latter only.
+    logps = split_advanced_indexing(logps)
     for var, logp in zip(variables, logps):
         if var in model.potentials:
             kind = "potential"

@@ -135,6 +135,41 @@ def _filled_like(var: Variable) -> Variable:
     return pt.full_like(var, NO_OWNER, dtype="int64")
 
 
+def _shape_of(var: Variable) -> tuple:
+    """``var``'s shape, with the lengths its type knows as constants.
+
+    A length that is 1 statically stays the constant 1 rather than a symbolic
+    ``var.shape[i]``, which PyTensor's rewrites could not tell is 1 (see
+    :func:`_broadcast`).
+    """
+    return tuple(
+        length if length is not None else var.shape[axis]
+        for axis, length in enumerate(var.type.shape)
+    )
+
+
+def _unbroadcast(owner: Variable) -> Variable:
+    """``owner`` without the broadcasts (``Alloc``) at its output: the same values,
+    broadcastable to its shape."""
+    while owner.owner is not None and isinstance(owner.owner.op, Alloc):
+        value = owner.owner.inputs[0]
+        owner = pt.shape_padleft(value, owner.type.ndim - value.type.ndim)
+    return owner
+
+
+def _broadcast(owner: Variable, shape) -> Variable:
+    """``pt.broadcast_to(owner, shape)``, never stacked on another broadcast.
+
+    PyTensor's ``local_merge_alloc`` rewrite turns ``Alloc(Alloc(x, n, s), n, m)``
+    into an assertion that ``s == m`` unless ``s`` is the constant 1: a length-one
+    axis whose length is symbolic (``var.shape[1]`` of a ``p[:, None]``) broadcast
+    against data then failed with "You have a shape error in your graph". A latent
+    -owned axis broadcast against data axes (``theta[z][:, None]`` with ``(n, m)``
+    observations) is exactly that.
+    """
+    return pt.broadcast_to(_unbroadcast(owner), shape)
+
+
 def _combine(owners: list[Variable], shape) -> tuple[Variable, list[Variable]]:
     """Elementwise combination of broadcastable owner arrays into ``shape`` (None:
     their own broadcast shape).
@@ -142,10 +177,11 @@ def _combine(owners: list[Variable], shape) -> tuple[Variable, list[Variable]]:
     Returns the combined owner and a check that, wherever two arrays both name an
     owner, they name the same one.
     """
+    owners = [_unbroadcast(o) for o in owners]
     if shape is None:
         owners = list(pt.broadcast_arrays(*owners))
     else:
-        owners = [pt.broadcast_to(o, shape) for o in owners]
+        owners = [_broadcast(o, shape) for o in owners]
     combined = owners[0]
     for o in owners[1:]:
         combined = pt.maximum(combined, o)
@@ -213,7 +249,7 @@ def propagate_owner(op, node: Apply, input_owners: list[Variable | None]):
         return [None] * len(node.outputs), []
     combined, agree = _combine(uniform, ())
     outputs = [
-        pt.broadcast_to(combined, out.shape) if _is_tensor(out) else None for out in node.outputs
+        _broadcast(combined, _shape_of(out)) if _is_tensor(out) else None for out in node.outputs
     ]
     return outputs, checks + agree
 
@@ -229,7 +265,7 @@ def _shape_owner(op, node, input_owners):
 def _elemwise_owner(op, node, input_owners):
     (out,) = node.outputs[:1]
     dependent = [o for o in input_owners if o is not None]
-    combined, checks = _combine(dependent, out.shape)
+    combined, checks = _combine(dependent, _shape_of(out))
     return [combined] * len(node.outputs), checks
 
 
@@ -259,7 +295,7 @@ def _reshape_owner(op, node, input_owners):
 def _alloc_owner(op, node, input_owners):
     if input_owners[0] is None:
         return [None], []
-    return [op(input_owners[0], *node.inputs[1:])], []
+    return [_broadcast(input_owners[0], node.inputs[1:])], []
 
 
 @propagate_owner.register(Join)
@@ -307,7 +343,7 @@ def _take_owner(op, node, input_owners):
     if input_owners[1] is not None:
         index_owner = input_owners[1]
         parts.append(index_owner.reshape((index_owner.shape[0],) + (1,) * (out.type.ndim - 1)))
-    combined, checks = _combine(parts, out.shape)
+    combined, checks = _combine(parts, _shape_of(out))
     return [combined], checks
 
 
@@ -340,9 +376,9 @@ def _advanced_subtensor_owner(op, node, input_owners):
         for k in range(block_ndim):
             pattern[block_start + k] = k
         parts.append(block.dimshuffle(pattern))
-        combined, more_checks = _combine(parts, out.shape)
+        combined, more_checks = _combine(parts, _shape_of(out))
         return [combined], checks + more_checks
-    combined, checks = _combine(parts, out.shape)
+    combined, checks = _combine(parts, _shape_of(out))
     return [combined], checks
 
 
@@ -372,9 +408,9 @@ def _blockwise_owner(op, node, input_owners):
         batch_owners.append(reduced.dimshuffle(["x"] * pad + list(range(reduced.type.ndim))))
     outputs = []
     for out, core in zip(node.outputs, op.outputs_sig):
-        batch_shape = out.shape[:batch_ndim]
+        batch_shape = _shape_of(out)[:batch_ndim]
         combined, agree = _combine(batch_owners, batch_shape)
         checks += agree
-        expanded = combined.dimshuffle(list(range(batch_ndim)) + ["x"] * len(core))
-        outputs.append(pt.broadcast_to(expanded, out.shape))
+        expanded = _unbroadcast(combined).dimshuffle(list(range(batch_ndim)) + ["x"] * len(core))
+        outputs.append(_broadcast(expanded, _shape_of(out)))
     return outputs, checks

@@ -35,8 +35,18 @@ from pytensor.tensor.blockwise import Blockwise
 from pytensor.tensor.elemwise import DimShuffle
 from pytensor.tensor.rewriting.blockwise import blockwise_of
 from pytensor.tensor.slinalg import SolveBase
+from pytensor.tensor.subtensor import AdvancedSubtensor
+from pytensor.tensor.type import TensorType, integer_dtypes
+from pytensor.tensor.type_other import MakeSlice, NoneTypeT, SliceConstant
 
-__all__ = ["REWRITE_TAG", "batch_solves", "local_matrix_b_solve", "strip_leading_broadcast"]
+__all__ = [
+    "REWRITE_TAG",
+    "batch_solves",
+    "local_matrix_b_solve",
+    "local_split_advanced_index",
+    "split_advanced_indexing",
+    "strip_leading_broadcast",
+]
 
 #: Tag under which :func:`local_matrix_b_solve` is registered in PyTensor's
 #: ``specialize`` database. It is not part of ``fast_run``: include it explicitly.
@@ -140,3 +150,102 @@ def strip_leading_broadcast(expr: Variable) -> Variable:
         else:
             break
     return expr
+
+
+def _basic_index(index: Variable):
+    """The basic index (slice or ``None``) that ``index`` stands for in an
+    ``AdvancedSubtensor``, or ``NotImplemented`` for anything else."""
+    if isinstance(index.type, NoneTypeT):
+        return None
+    if isinstance(index, SliceConstant):
+        return index.data
+    if index.owner is not None and isinstance(index.owner.op, MakeSlice):
+        parts = [None if isinstance(p.type, NoneTypeT) else p for p in index.owner.inputs]
+        return slice(*parts)
+    return NotImplemented
+
+
+def _index_split(node) -> tuple | None:
+    """For an ``AdvancedSubtensor`` node that :func:`local_split_advanced_index`
+    rewrites: the positions of the first and last index arrays, and the basic
+    indices before and after them. None for any other node."""
+    if not isinstance(node.op, AdvancedSubtensor):
+        return None
+    indices = node.inputs[1:]
+    arrays = [
+        position
+        for position, index in enumerate(indices)
+        if isinstance(index.type, TensorType)
+        and index.type.ndim > 0
+        and index.type.dtype in integer_dtypes
+    ]
+    if not arrays or len(arrays) == len(indices):
+        return None
+    first, last = arrays[0], arrays[-1]
+    if arrays != list(range(first, last + 1)):
+        return None
+    leading = [_basic_index(index) for index in indices[:first]]
+    trailing = [_basic_index(index) for index in indices[last + 1 :]]
+    if any(index is NotImplemented for index in leading + trailing):
+        return None
+    return first, last, leading, trailing
+
+
+@node_rewriter([AdvancedSubtensor])
+def local_split_advanced_index(fgraph, node):
+    """Split ``x[..., idx, ...]`` into a gather by the index arrays alone and basic
+    indexing: ``beta[z, :]`` becomes ``beta[z][:, :]``, ``mu[z, None]`` becomes
+    ``mu[z][:, None]``, ``x[:, z]`` becomes ``x.T[z].T``.
+
+    PyTensor vectorizes a gather whose indices are all arrays, but not one that mixes
+    batched index arrays with slices or ``None``, which is how users write a row of
+    a coefficient matrix. Applies when the integer index arrays are consecutive
+    (so NumPy keeps their block in place) and every other index is a slice or
+    ``None``; scalar and boolean indices are left alone.
+    """
+    split = _index_split(node)
+    if split is None:
+        return None
+    x, *indices = node.inputs
+    first, last, leading, trailing = split
+    arrays = range(first, last + 1)
+    # Axes of x before the block (a None consumes none), moved after it for the gather.
+    n_before = sum(isinstance(index, slice) for index in leading)
+    n_block = len(arrays)
+    axes = list(range(x.type.ndim))
+    moved = x
+    if n_before:
+        moved = x.transpose(
+            *axes[n_before : n_before + n_block], *axes[:n_before], *axes[n_before + n_block :]
+        )
+    gathered = moved[tuple(indices[first : last + 1])]
+    block_ndim = max(indices[p].type.ndim for p in arrays)
+    out = gathered[(slice(None),) * block_ndim + tuple(leading) + tuple(trailing)]
+    if leading:
+        # The block's axes back to where NumPy puts them: after the leading ones.
+        n_lead = len(leading)
+        out = out.transpose(
+            *range(block_ndim, block_ndim + n_lead),
+            *range(block_ndim),
+            *range(block_ndim + n_lead, out.type.ndim),
+        )
+    out = pt.specify_broadcastable(
+        out, *[axis for axis, b in enumerate(node.outputs[0].type.broadcastable) if b]
+    )
+    copy_stack_trace(node.outputs[0], out)
+    return [out]
+
+
+def split_advanced_indexing(outputs: Sequence[Variable]) -> list[Variable]:
+    """``outputs`` with :func:`local_split_advanced_index` applied throughout.
+
+    As :func:`batch_solves`: the graph is copied first when there is something to
+    rewrite (inputs and constants kept), else ``outputs`` are returned as they are.
+    """
+    outputs = list(outputs)
+    nodes = applys_between(graph_inputs(outputs), outputs)
+    if not any(_index_split(node) is not None for node in nodes):
+        return outputs
+    fgraph = FunctionGraph(outputs=outputs, clone=True, copy_inputs=False, copy_orphans=False)
+    in2out(local_split_advanced_index, ignore_newtrees=False).rewrite(fgraph)
+    return list(fgraph.outputs)

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytensor.tensor as pt
+from pymc.logprob.utils import replace_rvs_by_values
 from pytensor.graph.basic import Variable
 from pytensor.graph.replace import graph_replace, vectorize_graph
 from pytensor.graph.traversal import ancestors
+from pytensor.tensor.random.op import RandomVariable
 
 from pm_em.analysis import ModelStructure, ParamSpec, Term
 from pm_em.chains import ChainSpec
@@ -24,6 +26,7 @@ from pm_em.collapse import latent_mask, plan_collapse, vectorize_collapsed
 from pm_em.compile import evaluate_once
 from pm_em.latents import LatentSpec
 from pm_em.mstep import ResponsibilityInputs
+from pm_em.rewrites import split_advanced_indexing
 
 __all__ = ["ChainUse", "ClosedFormContext", "ClosedFormUpdate", "Selection", "TermEntries"]
 
@@ -226,7 +229,7 @@ class ClosedFormContext:
         """``expr`` (a graph of model variables) at the current point: parameters at
         their latest values, observed variables at their data, latents at their
         value variables."""
-        (graph,) = self.model.replace_rvs_by_values([expr])
+        (graph,) = split_advanced_indexing(self.model.replace_rvs_by_values([expr]))
         replace = {
             p.value: self.current[p.name]
             for p in self.structure.params
@@ -301,8 +304,23 @@ class ClosedFormContext:
         (``(|tau| ** -0.5) ** -2`` is ``tau`` for ``tau > 0``).
         """
         holders = {p.rv: p.rv.type(f"{p.name}_probe") for p in params}
-        graph = graph_replace(expr, holders, strict=False)
-        (graph,) = self.model.replace_rvs_by_values([graph])
+        # The probes take the parameters' place as their value variables do, in one
+        # replacement: a graph_replace of the parameters first clones the latent's
+        # own graph when an index shares a constant with it (the None of
+        # mu[z, None] is also the size of the Dirichlet above z), and the clone
+        # would escape the replacement of the latent by its value.
+        rvs_to_values = {**self.model.rvs_to_values, **holders}
+        rvs_to_transforms = {
+            rv: t for rv, t in self.model.rvs_to_transforms.items() if rv not in holders
+        }
+        (graph,) = replace_rvs_by_values(
+            [expr], rvs_to_values=rvs_to_values, rvs_to_transforms=rvs_to_transforms
+        )
+        (graph,) = split_advanced_indexing([graph])
+        if _draws_randomly(graph):
+            # A model variable left as it is: the probes would see random draws of
+            # it, not its value. Not recognized; the numeric M-step applies.
+            return None
         latent = entries.latent
         allowed = {latent.value} if latent is not None else set()
         if ({v for v in self.model.value_vars} - allowed) & set(ancestors([graph])):
@@ -379,6 +397,14 @@ class ClosedFormContext:
         return Selection(
             ids=ids.reshape(shape), constants=constants.reshape(shape), params=list(params)
         )
+
+
+def _draws_randomly(graph: Variable) -> bool:
+    """Whether ``graph`` still contains a random variable (one that was not replaced
+    by its value variable)."""
+    return any(
+        v.owner is not None and isinstance(v.owner.op, RandomVariable) for v in ancestors([graph])
+    )
 
 
 def _exactness(dtype: str, total: int) -> tuple[float, float]:
