@@ -129,8 +129,9 @@ def _vectorize(terms: list, replace: dict, names: list[str]) -> list[Variable]:
     except NotImplementedError as err:
         raise UnsupportedModelError(
             f"PyTensor cannot enumerate the latent(s) {names} through an op of this model "
-            f"({err}). Index parameters with the latent alone (write beta[z], not "
-            "beta[z, :]), or marginalize the latent by hand."
+            f"({err}). Transpose the indexed parameter so that the index arrays are "
+            "next to each other (x.transpose(0, 2, 1)[z, z2], not x[z, :, z2]), or "
+            "marginalize the latent by hand."
         ) from err
 
 
