@@ -10,8 +10,13 @@ transposed to ``(C, d, n)``: each observation becomes a column of the right-hand
 side. It generalizes PyTensor's ``batched_vector_b_solve_to_matrix_b_solve``, which
 requires ``a`` to have no batch axis at all.
 
-Apply it with :func:`batch_solves` (what :mod:`pm_em.enumeration` does to the tables
-it builds), or enable it in a compile mode::
+A second rewrite, :func:`local_split_advanced_index` (applied with
+:func:`split_advanced_indexing` to the terms and to the closed-form rules' graphs),
+writes ``beta[z, :]``, ``mu[z, None]`` and ``x[:, z]`` as a gather by ``z`` alone
+and basic indexing, which PyTensor can vectorize over the latent's configurations.
+
+Apply the first with :func:`batch_solves` (what :mod:`pm_em.enumeration` does to the
+tables it builds), or enable it in a compile mode::
 
     from pytensor.compile.mode import get_mode
     import pm_em.rewrites
