@@ -28,7 +28,7 @@ from pm_em.starts import start_points
 # Two converged starts are at the same mode when their final log-posteriors differ by
 # less than this many times tol per observation: EM stops short of its mode by about
 # tol * r / (1 - r) per observation (r its rate), and on a ridge r passes 0.99 (the
-# K = 5 mixture of benchmarks/accelerate.py: plain EM 70 tol short, SQUAREM 40);
+# K = 5 mixture of benchmarks/accelerate.py: 20-70 tol short, plain EM or SQUAREM);
 # distinct modes of the benchmark mixtures differ by 1e5 tol and more
 # (benchmarks/README.md). The same factor times the log-posterior's rounding covers
 # float32, where that rounding is larger.
