@@ -22,8 +22,8 @@ ACCELERATIONS = (None, "auto", "squarem")
 #: iterations, SQUAREM cycles after. The seed mixture's fits take 22-30 steps at the
 #: default tol and stay exactly plain EM's; a slow start (a ridge: 300 steps on the
 #: K = 5 mixture of ``benchmarks/accelerate.py``) converges in a quarter of the
-#: E-steps. Switching after 10 or 20 saved little more there (69 and 81 E-steps
-#: against 77) and changed the fast fits; after 50 gave up most of the gain (97).
+#: E-steps. Switching after 10 saved little more there (69 E-steps against 77;
+#: after 20, 81) and changed the fast fits; after 50 gave up most of the gain (97).
 AUTO_SQUAREM_AFTER = 30
 
 # A decrease of the observed-data log-posterior beyond this (relative) size is not
