@@ -213,6 +213,57 @@ GMM1D = Case(
 )
 
 
+# --- 1-D five-component normal mixture (issue 14) ------------------------------------
+# Neighbouring components overlap (means 2-2.7 apart, scales 0.6-1.2), so the
+# likelihood has a ridge along which plain EM crawls: several hundred iterations at
+# tol 1e-8 from a k-means start, where SQUAREM pays off (benchmarks/accelerate.py).
+
+GMM5_W = np.array([0.25, 0.2, 0.2, 0.2, 0.15])
+GMM5_MU = np.array([-3.5, -1.2, 0.8, 2.8, 5.5])
+GMM5_SIGMA = np.array([0.8, 0.6, 0.7, 0.9, 1.2])
+
+
+def gmm5_simulate(n: int, seed: int) -> np.ndarray:
+    """Draw ``n`` points of the five-component mixture."""
+    rng = np.random.default_rng(seed)
+    z = rng.choice(len(GMM5_W), size=n, p=GMM5_W)
+    return rng.normal(GMM5_MU[z], GMM5_SIGMA[z])
+
+
+GMM5_START = {
+    "w": np.full(5, 0.2),
+    "mu": np.array([-4.0, -1.0, 1.0, 3.0, 6.0]),
+    "sigma": np.ones(5),
+}
+
+GMM5 = Case(
+    key="gmm5",
+    title="1-D 5-component normal mixture",
+    d=1,
+    simulate=gmm5_simulate,
+    start=GMM5_START,
+    log_joint=gmm1d_log_joint,
+    m_step=gmm1d_m_step,
+    canonical=by_first_mean,
+    build_model=lambda x: gmm1d_model(x, n_components=5),
+    initvals=lambda start: dict(start),
+    from_posterior=lambda get: {name: get(name) for name in ("w", "mu", "sigma")},
+    sklearn={
+        "n_components": 5,
+        "covariance_type": "diag",
+        "weights_init": GMM5_START["w"],
+        "means_init": GMM5_START["mu"][:, None],
+        "precisions_init": 1.0 / GMM5_START["sigma"][:, None] ** 2,
+    },
+    from_sklearn=lambda gm: {
+        "w": gm.weights_,
+        "mu": gm.means_[:, 0],
+        "sigma": np.sqrt(gm.covariances_[:, 0]),
+    },
+    peers=("numpy", "sklearn", "pm_em"),
+)
+
+
 # --- 2-D three-component full-covariance mixture ------------------------------------
 
 MV_K = 3
@@ -562,4 +613,4 @@ HMM = Case(
     },
 )
 
-CASES = {case.key: case for case in (GMM1D, MVGMM, ZIP, HMM)}
+CASES = {case.key: case for case in (GMM1D, GMM5, MVGMM, ZIP, HMM)}

@@ -324,7 +324,9 @@ def measure_speed(problem: SpeedProblem, n: int, args) -> tuple[list[SpeedRow], 
         better = fast_end if fast.logp[-1] >= plain.logp[-1] else plain_end
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            reference, history = em.run(better, tol=args.tol * 1e-3, max_iter=args.max_iter)
+            reference, history = em.run(
+                better, tol=args.tol * 1e-3, max_iter=args.max_iter, accelerate=None
+            )
         rows.append(
             SpeedRow(
                 problem=problem.key,

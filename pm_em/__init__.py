@@ -3,7 +3,12 @@
 from pm_em.api import find_MAP
 from pm_em.compare import compare, compare_models, relabel
 from pm_em.em import EM
-from pm_em.errors import DegenerateSolutionWarning, EMConvergenceWarning, UnsupportedModelError
+from pm_em.errors import (
+    DegenerateSolutionWarning,
+    EMConvergenceWarning,
+    MultimodalWarning,
+    UnsupportedModelError,
+)
 from pm_em.laplace import NonPositiveCurvatureError, fit_laplace
 from pm_em.loop import EMIteration
 from pm_em.plots import plot_compare, plot_convergence
@@ -13,6 +18,7 @@ __all__ = [
     "DegenerateSolutionWarning",
     "EMConvergenceWarning",
     "EMIteration",
+    "MultimodalWarning",
     "NonPositiveCurvatureError",
     "UnsupportedModelError",
     "compare",

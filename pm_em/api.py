@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
 
@@ -17,21 +18,28 @@ from pm_em.diagnostics import (
     model_or_context,
 )
 from pm_em.em import EM, cached_routine
+from pm_em.errors import MultimodalWarning
 from pm_em.inference_data import build_inference_data
 from pm_em.laplace import laplace_idata
-from pm_em.loop import EMIteration, run_em
+from pm_em.loop import ACCELERATIONS, EMIteration, logp_rounding, run_em
 from pm_em.progress import progress_reporter
 from pm_em.starts import start_points
 
-#: Accepted values of ``accelerate``.
-ACCELERATIONS = (None, "squarem")
+# Two converged starts are at the same mode when their final log-posteriors differ by
+# less than this many times tol per observation: EM stops short of its mode by about
+# tol * r / (1 - r) per observation (r its rate), and on a ridge r passes 0.99 (the
+# K = 5 mixture of benchmarks/accelerate.py: 20-70 tol short, plain EM or SQUAREM);
+# distinct modes of the benchmark mixtures differ by 1e5 tol and more
+# (benchmarks/README.md). The same factor times the log-posterior's rounding covers
+# float32, where that rounding is larger.
+_SAME_MODE_FACTOR = 1000.0
 
 __all__ = ["find_MAP"]
 
 _log = logging.getLogger("pm_em")
 
 
-def _check_options(tol, max_iter, blas_cores=None, n_init=1, accelerate=None) -> None:
+def _check_options(tol, max_iter, blas_cores=None, n_init=1, accelerate="auto") -> None:
     if not (isinstance(tol, int | float) and np.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive finite number, got {tol!r}.")
     if not (isinstance(max_iter, int | np.integer) and max_iter >= 1):
@@ -77,6 +85,43 @@ def _best_restart(histories) -> int:
     return int(np.argmax(candidates))
 
 
+def _mode_spread(em: EM, histories, tol: float) -> tuple[int, int, float]:
+    """How the converged, sound starts ended: ``(at_best, compared, spread)``, the
+    number within the same-mode tolerance of the best of them, how many were
+    compared, and how far (nats) the lowest ended below the best (0 when they agree).
+
+    Starts stopped at a degenerate point, by ``max_iter`` or by the user are left out:
+    they did not reach a mode (and are reported otherwise).
+    """
+    finals = np.array(
+        [h.logp[-1] for h in histories if h.converged and h.collapse is None], dtype=float
+    )
+    finals = finals[np.isfinite(finals)]
+    if finals.size < 2:
+        return finals.size, finals.size, 0.0
+    best = finals.max()
+    same = _SAME_MODE_FACTOR * max(tol * em.structure.n_observations, logp_rounding(em, best))
+    at_best = int(np.sum(best - finals <= same))
+    spread = float(best - finals.min())
+    return at_best, finals.size, spread if at_best < finals.size else 0.0
+
+
+def _warn_spread(em: EM, at_best: int, compared: int, spread: float, n_init: int) -> None:
+    """A :class:`MultimodalWarning` when the starts ended at different modes."""
+    if at_best == compared:
+        return
+    n_obs = em.structure.n_observations
+    warnings.warn(
+        f"The starts ended at different modes: {at_best} of {compared} converged starts "
+        f"reached the best log-posterior, the lowest ended {spread:.4g} nats below it "
+        f"({spread / n_obs:.3g} per observation). EM climbs to the mode nearest its "
+        f"start; raise n_init (e.g. n_init={max(2 * n_init, 10)}) to find the best mode "
+        "more reliably. Every start's log-posterior is in em_stats['restart_logp'].",
+        MultimodalWarning,
+        stacklevel=3,
+    )
+
+
 def find_MAP(
     model=None,
     *,
@@ -84,7 +129,7 @@ def find_MAP(
     initvals=None,
     init="auto",
     n_init: int = 1,
-    accelerate: str | None = None,
+    accelerate: str | None = "auto",
     tol: float = 1e-8,
     max_iter: int = 1000,
     random_seed=None,
@@ -127,11 +172,15 @@ def find_MAP(
         Number of starts, each seeded from ``random_seed`` (one seed per start, as
         PyMC seeds chains). The start with the highest observed-data log-posterior
         wins; starts stopped at a degenerate solution are skipped.
-    accelerate : {None, "squarem"}, default None
+    accelerate : {"auto", "squarem", None}, default "auto"
         ``"squarem"``: SQUAREM (Varadhan & Roland, 2008) extrapolation on the
         unconstrained space, with a step-length safeguard and a fall-back to plain
         EM steps whenever the log-posterior would decrease, so it stays monotone.
-        One iteration is then a cycle of three EM maps.
+        One iteration is then a cycle of three EM maps. ``"auto"``: plain EM steps,
+        and SQUAREM cycles once a start has taken
+        :data:`pm_em.loop.AUTO_SQUAREM_AFTER` (30) steps without converging: a fit
+        that converges quickly is exactly plain EM's, a slow one (a ridge of the
+        likelihood) gets the acceleration. None: plain EM steps only.
     tol : float, default 1e-8
         Stop when the change of the observed-data log-posterior, per observation,
         falls below ``tol``.
@@ -180,9 +229,13 @@ def find_MAP(
         ``n_iter``, ``n_e_steps`` (E-step evaluations) and ``converged``; every
         start's along dim ``restart`` as ``restart_logp`` (NaN-padded),
         ``restart_n_iter``, ``restart_n_e_steps``, ``restart_converged`` and
-        ``restart_degenerate``; in its attrs the winning start's index
-        (``best_restart``), ``tol``, ``max_iter``, ``init``, ``accelerate`` and
-        ``stopped`` (``""``, ``"callback"`` or ``"interrupt"``).
+        ``restart_degenerate``, ``restart_squarem_from``; in its attrs the winning
+        start's index (``best_restart``), ``tol``, ``max_iter``, ``init``,
+        ``accelerate``, ``squarem_from`` (the winning start's plain EM steps before
+        SQUAREM took over, -1 if it never did), ``stopped`` (``""``, ``"callback"``
+        or ``"interrupt"``), ``restarts_at_best`` (converged starts that reached the
+        best mode) and ``restart_spread`` (nats from the best to the lowest converged
+        start when they ended at different modes, else 0).
         ``observed_data`` and ``constant_data`` as PyMC writes them.
 
     Raises
@@ -203,6 +256,9 @@ def find_MAP(
     DegenerateSolutionWarning
         When a start collapses (a scale running to 0: the log-posterior is unbounded
         there) or leaves a component empty.
+    MultimodalWarning
+        When converged starts end at different log-posteriors (further apart than
+        1000 tol per observation): the likelihood has several modes; raise ``n_init``.
 
     Examples
     --------
@@ -211,7 +267,7 @@ def find_MAP(
     ...     mu = pm.Normal("mu", 0, 10, shape=2)
     ...     z = pm.Categorical("z", p=w, shape=len(x))
     ...     pm.Normal("x", mu=mu[z], sigma=1, observed=x)
-    ...     idata = pm_em.find_MAP(n_init=5, accelerate="squarem", random_seed=1)
+    ...     idata = pm_em.find_MAP(n_init=5, random_seed=1)
     """
     model = model_or_context(model)
     _check_options(tol, max_iter, blas_cores, n_init, accelerate)
@@ -247,6 +303,8 @@ def find_MAP(
             if history.stopped:
                 break
     best = _best_restart(histories)
+    at_best, compared, spread = _mode_spread(em, histories, tol)
+    _warn_spread(em, at_best, compared, spread, n_init)
     state = states[best]
     if not np.isfinite(state.logp):
         raise ValueError(explain_nonfinite_logp(em, state.values, state.logp))
@@ -262,7 +320,12 @@ def find_MAP(
     options = {
         "init": init if isinstance(init, str) else "values",
         "accelerate": str(accelerate),
+        "squarem_from": -1
+        if histories[best].squarem_from is None
+        else histories[best].squarem_from,
         "stopped": stopped,
+        "restarts_at_best": at_best,
+        "restart_spread": spread,
     }
     idata = build_inference_data(em, result, tol=tol, max_iter=max_iter, options=options)
     if laplace:

@@ -505,7 +505,7 @@ class EM:
         *,
         tol: float = 1e-8,
         max_iter: int = 1000,
-        accelerate: str | None = None,
+        accelerate: str | None = "auto",
         callback=None,
     ) -> tuple[dict[str, np.ndarray], EMHistory]:
         """Iterate from ``point`` to convergence (what :func:`pm_em.find_MAP` does for
@@ -517,8 +517,10 @@ class EM:
             Start, constrained space.
         tol, max_iter
             As in :func:`pm_em.find_MAP`.
-        accelerate : {None, "squarem"}
-            ``"squarem"``: SQUAREM cycles instead of single EM steps (monotone).
+        accelerate : {"auto", "squarem", None}, default "auto"
+            As in :func:`pm_em.find_MAP`: ``"squarem"``, SQUAREM cycles instead of
+            single EM steps (monotone); ``"auto"``, plain EM steps and SQUAREM once
+            a run has taken 30 without converging; None, plain EM steps only.
         callback : callable, optional
             Called as ``callback(iteration, point, logp)`` after every iteration; a
             true return value stops the run (``history.stopped == "callback"``).

@@ -27,3 +27,14 @@ class DegenerateSolutionWarning(UserWarning):
     component's expected count fell to ~0 (a bounded mode on the boundary; reported
     only).
     """
+
+
+class MultimodalWarning(UserWarning):
+    """The starts of a fit (``n_init`` > 1) ended at different modes.
+
+    EM climbs to the mode nearest its start; when converged starts end at
+    log-posteriors further apart than their stopping rule explains, the likelihood
+    has several modes and the best one may not have been found. The message names
+    how many starts reached the best and how far below the others ended; raise
+    ``n_init``.
+    """

@@ -80,6 +80,10 @@ def _em_stats(histories, best, tol, max_iter, options) -> xr.Dataset:
             "restart_n_e_steps": ("restart", [h.n_e_steps for h in histories]),
             "restart_converged": ("restart", [h.converged for h in histories]),
             "restart_degenerate": ("restart", [h.collapse is not None for h in histories]),
+            "restart_squarem_from": (
+                "restart",
+                [-1 if h.squarem_from is None else h.squarem_from for h in histories],
+            ),
         },
         coords={
             "iteration": np.arange(len(winner.logp)),

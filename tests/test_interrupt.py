@@ -75,31 +75,35 @@ def test_callback_stops_the_remaining_starts(model):
     assert stats.attrs["best_restart"] == int(np.argmax(finals))
 
 
-def test_ctrl_c_returns_promptly_with_the_best_point(model, caplog):
-    """A real SIGINT, delivered from another thread while EM runs."""
-    timer, sent = None, []
+def test_ctrl_c_stops_within_an_iteration_with_the_best_point(model, caplog):
+    """A real SIGINT, delivered from another thread while EM runs. Measured in
+    iterations, not seconds (a loaded machine stretches any wall-clock bound): once
+    the signal is sent, at most the iteration under way completes."""
+    seen, at_kill, sent = [], [], threading.Event()
 
     def interrupt():
-        sent.append(time.perf_counter())
+        at_kill.append(seen[-1])  # iterations completed when the signal goes out
         os.kill(os.getpid(), signal.SIGINT)
+        sent.set()
 
     def callback(info):
-        nonlocal timer
-        if timer is None:
-            timer = threading.Timer(0.3, interrupt)
-            timer.start()
-        time.sleep(0.02)  # slow iterations, so the fit is still running at 0.3 s
+        seen.append(info.iteration)
+        if info.iteration == 3:
+            threading.Thread(target=interrupt).start()
+        if info.iteration >= 10:
+            # However late the thread runs, the signal arrives during the first start.
+            sent.wait(timeout=60)
+        time.sleep(0.005)  # iterations long enough to be interrupted inside one
 
     with caplog.at_level(logging.WARNING, logger="pm_em"):
         idata = fit(model, callback=callback, n_init=3)
-    returned = time.perf_counter()
-    timer.join()
-    assert sent, "the interrupt was never sent"
-    # Control returns within a fraction of a second (the result is assembled once).
-    assert returned - sent[0] < 2.0
+    assert at_kill, "the interrupt was never sent"
     n_iter, converged, stopped = _stats(idata)
     assert (converged, stopped) == (False, "interrupt")
-    assert 1 <= n_iter < 500
+    # No later callback, and the result is the last iteration completed before the
+    # signal, or the one under way when it came.
+    assert seen[-1] <= at_kill[0] + 1
+    assert at_kill[0] <= n_iter <= at_kill[0] + 1
     assert "Interrupted after 1 of 3 start(s)" in caplog.text
     assert np.all(np.isfinite(idata.posterior["mu"].values))
     logp = idata.em_stats["logp"].values

@@ -62,7 +62,7 @@ def test_em_run_with_squarem(mixture):
     model, start = mixture
     em = pm_em.em.cached_routine(model)
     point, history = em.run(start, tol=TOL, accelerate="squarem")
-    plain_point, plain_history = em.run(start, tol=TOL)
+    plain_point, plain_history = em.run(start, tol=TOL, accelerate=None)
     assert history.converged and plain_history.converged
     assert history.n_e_steps < plain_history.n_e_steps
     np.testing.assert_allclose(point["mu"], plain_point["mu"], rtol=1e-4)
@@ -226,3 +226,95 @@ def test_one_progress_bar_across_starts(mixture, capsys):
     shown = capsys.readouterr().out
     assert "EM start 2/2" in shown and "best =" in shown
     assert idata.em_stats.sizes["restart"] == 2
+
+
+# -- accelerate="auto" (the default) and starts at different modes -------------------
+
+
+@pytest.fixture(scope="module")
+def ridge():
+    """A K = 4 mixture on log-normal data (benchmarks/restarts.py, smaller): plain EM
+    crawls (130-300 iterations to tol 1e-8), and k-means starts end at two modes."""
+    x = np.random.default_rng(5).lognormal(0.0, 0.6, 300)
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", np.ones(4))
+        mu = pm.Normal("mu", 0.0, 10.0, shape=4)
+        sigma = pm.InverseGamma("sigma", 2.0, 0.1, shape=4)
+        z = pm.Categorical("z", p=w, shape=len(x))
+        pm.Normal("x", mu[z], sigma[z], observed=x)
+    em = pm_em.EM(model)
+    return model, em, start_points(em, "auto", 4, random_seed=0)
+
+
+def test_auto_is_plain_em_on_fast_fits(mixture):
+    """The seed mixture converges within 30 steps at the default tol: the
+    default fit is plain EM's, bit for bit."""
+    model, start = mixture
+    plain = pm_em.find_MAP(model, initvals=start, accelerate=None, progressbar=False)
+    auto = pm_em.find_MAP(model, initvals=start, progressbar=False)
+    assert int(plain.em_stats["n_iter"]) <= pm_em.loop.AUTO_SQUAREM_AFTER
+    np.testing.assert_array_equal(auto.em_stats["logp"].values, plain.em_stats["logp"].values)
+    for name in start:
+        np.testing.assert_array_equal(auto.posterior[name].values, plain.posterior[name].values)
+    assert auto.em_stats.attrs["accelerate"] == "auto"
+    assert auto.em_stats.attrs["squarem_from"] == -1
+    assert plain.em_stats.attrs["accelerate"] == "None"
+    assert int(plain.em_stats["n_e_steps"]) == int(plain.em_stats["n_iter"]) + 1
+
+
+def test_auto_switches_to_squarem_on_a_ridge(ridge):
+    """Plain EM for 30 steps (the same trace), then SQUAREM: the optimum plain EM
+    reaches, in far fewer E-steps, never decreasing."""
+    model, em, starts = ridge
+    start = starts[1]
+    _, plain = em.run(start, accelerate=None)
+    point, auto = em.run(start)
+    _, fast = em.run(start, accelerate="squarem")
+    after = pm_em.loop.AUTO_SQUAREM_AFTER
+    assert (plain.squarem_from, auto.squarem_from, fast.squarem_from) == (None, after, 0)
+    assert plain.converged and auto.converged and plain.n_iter > 4 * after
+    assert plain.n_e_steps == plain.n_iter + 1
+    assert auto.logp[: after + 1] == plain.logp[: after + 1]
+    assert auto.n_e_steps < plain.n_e_steps / 3
+    assert np.all(np.diff(auto.logp) >= 0)
+    # The optimum itself: SQUAREM from the end point to a far tighter tol.
+    _, optimum = em.run(point, tol=1e-14, max_iter=20_000, accelerate="squarem")
+    n_obs = 300
+    assert 0 <= (optimum.logp[-1] - auto.logp[-1]) / n_obs < 1e-6
+    assert 0 <= (optimum.logp[-1] - plain.logp[-1]) / n_obs < 1e-6
+    idata = pm_em.find_MAP(model, initvals=start, progressbar=False)
+    assert idata.em_stats.attrs["squarem_from"] == after
+    assert idata.em_stats["restart_squarem_from"].values.tolist() == [after]
+
+
+def test_starts_at_different_modes_warn(ridge):
+    model, em, starts = ridge
+    # The four starts' own optima (each refined far past tol): two modes, ~0.9 nats
+    # apart, the best reached by start 1 only.
+    optima = []
+    for start in starts:
+        point, _ = em.run(start, accelerate=None)
+        _, refined = em.run(point, tol=1e-14, max_iter=20_000, accelerate="squarem")
+        optima.append(refined.logp[-1])
+    optima = np.array(optima)
+    assert np.argmax(optima) == 1 and np.sum(optima.max() - optima < 1e-3) == 1
+    with pytest.warns(pm_em.MultimodalWarning, match=r"1 of 4 converged starts.*raise n_init"):
+        idata = pm_em.find_MAP(model, n_init=4, random_seed=0, progressbar=False)
+    stats = idata.em_stats
+    finals = np.array([row[np.isfinite(row)][-1] for row in stats["restart_logp"].values])
+    assert stats.attrs["best_restart"] == 1
+    assert stats.attrs["restarts_at_best"] == 1
+    assert stats.attrs["restart_spread"] == pytest.approx(finals.max() - finals.min())
+    np.testing.assert_allclose(stats.attrs["restart_spread"], np.ptp(optima), atol=1e-3)
+
+
+def test_starts_at_one_mode_do_not_warn(mixture, restarted):
+    """The seed mixture's four prior starts reach one mode: no warning (the fixture ran
+    with warnings as errors), every start counted at the best, no spread."""
+    model, _ = mixture
+    stats = restarted.em_stats
+    finals = np.array([row[np.isfinite(row)][-1] for row in stats["restart_logp"].values])
+    n_obs = 400
+    assert np.ptp(finals) / n_obs < 1e-9  # one mode, to within the stopping rule
+    assert stats.attrs["restarts_at_best"] == 4
+    assert stats.attrs["restart_spread"] == 0.0
