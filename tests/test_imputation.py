@@ -50,20 +50,15 @@ def marginal_loglik(log_pc, means, sigma, c, y):
 
 
 def reference_map(negative_log_posterior, starts):
-    """scipy's maximum of the log-posterior over a few starts: BFGS, then Nelder-Mead
-    to polish (its simplex converges to ~1e-11 in the parameters)."""
-    best = None
-    for start in starts:
-        fit = optimize.minimize(negative_log_posterior, start, method="BFGS")
-        fit = optimize.minimize(
-            negative_log_posterior,
-            fit.x,
-            method="Nelder-Mead",
-            options={"xatol": 1e-11, "fatol": 1e-15, "maxiter": 40_000, "maxfev": 40_000},
+    """scipy's maximum of the log-posterior over a few starts: BFGS on central-difference
+    gradients (accurate to ~1e-10), run to a gradient norm of 1e-9."""
+    fits = [
+        optimize.minimize(
+            negative_log_posterior, start, method="BFGS", jac="3-point", options={"gtol": 1e-9}
         )
-        if best is None or fit.fun < best.fun:
-            best = fit
-    return best
+        for start in starts
+    ]
+    return min(fits, key=lambda fit: fit.fun)
 
 
 def with_missing(values, missing):
@@ -128,10 +123,10 @@ def bernoulli_case():
 
     def log_prior(v):
         return (
-            stats.beta(1, 1).logpdf(v["p"])
-            + stats.norm(0, 10).logpdf(v["alpha"])
-            + stats.norm(0, 10).logpdf(v["beta"])
-            + stats.halfnorm(scale=5).logpdf(v["sigma"])
+            stats.beta.logpdf(v["p"], 1, 1)
+            + stats.norm.logpdf(v["alpha"], 0, 10)
+            + stats.norm.logpdf(v["beta"], 0, 10)
+            + stats.halfnorm.logpdf(v["sigma"], scale=5)
         )
 
     return Case(
@@ -171,9 +166,9 @@ def categorical_case():
 
     def log_prior(v):
         return (
-            stats.dirichlet(np.ones(3)).logpdf(v["w"])
-            + stats.norm(0, 10).logpdf(v["mu"]).sum()
-            + stats.halfnorm(scale=5).logpdf(v["sigma"])
+            stats.dirichlet.logpdf(v["w"], np.ones(3))
+            + stats.norm.logpdf(v["mu"], 0, 10).sum()
+            + stats.halfnorm.logpdf(v["sigma"], scale=5)
         )
 
     start = np.array([0.0, 0.0, -1.0, 0.0, 1.0, 0.0])
@@ -211,10 +206,10 @@ def binomial_case():
 
     def log_prior(v):
         return (
-            stats.beta(2, 2).logpdf(v["q"])
-            + stats.norm(0, 10).logpdf(v["alpha"])
-            + stats.norm(0, 10).logpdf(v["beta"])
-            + stats.halfnorm(scale=5).logpdf(v["sigma"])
+            stats.beta.logpdf(v["q"], 2, 2)
+            + stats.norm.logpdf(v["alpha"], 0, 10)
+            + stats.norm.logpdf(v["beta"], 0, 10)
+            + stats.halfnorm.logpdf(v["sigma"], scale=5)
         )
 
     return Case(
@@ -394,7 +389,9 @@ def test_imputed_zero_inflated_counts_name_the_family():
     with pm.Model() as model, pytest.warns(pm.ImputationWarning):
         counts = np.ma.masked_array([1, 0, 3], mask=[False, True, False])
         pm.ZeroInflatedPoisson("y", psi=0.7, mu=2.0, observed=counts)
-    with pytest.raises(UnsupportedModelError, match=r"'y_unobserved' \(\w+\) has infinite"):
+    with pytest.raises(
+        UnsupportedModelError, match=r"'y_unobserved' \(MixtureRV\) has infinite.*drop the rows"
+    ):
         analyze_model(model)
 
 
