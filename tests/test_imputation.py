@@ -88,6 +88,7 @@ class Case:
     log_prior: Callable
     start: np.ndarray
     names: list[str]
+    closed_form: list[str]  # updated in closed form despite the rows free of the latent
 
     def log_posterior(self, params):
         log_pc, means, sigma = self.pieces(params)
@@ -139,6 +140,7 @@ def bernoulli_case():
         log_prior,
         np.zeros(4),
         ["p", "alpha", "beta", "sigma"],
+        ["p", "sigma"],
     )
 
 
@@ -172,7 +174,18 @@ def categorical_case():
         )
 
     start = np.array([0.0, 0.0, -1.0, 0.0, 1.0, 0.0])
-    return Case(model, c, y, np.arange(3), unpack, pieces, log_prior, start, ["w", "mu", "sigma"])
+    return Case(
+        model,
+        c,
+        y,
+        np.arange(3),
+        unpack,
+        pieces,
+        log_prior,
+        start,
+        ["w", "mu", "sigma"],
+        ["w", "mu", "sigma"],
+    )
 
 
 def binomial_case():
@@ -222,6 +235,7 @@ def binomial_case():
         log_prior,
         np.zeros(4),
         ["q", "alpha", "beta", "sigma"],
+        ["q", "sigma"],
     )
 
 
@@ -235,11 +249,12 @@ CASES = {
 @pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
 def fitted(request):
     case = CASES[request.param]()
+    em = pm_em.EM(case.model)  # find_MAP reuses it
     idata = pm_em.find_MAP(case.model, **FIT)
     rng = np.random.default_rng(0)
     starts = [case.start] + [case.start + rng.normal(0, 1, case.start.size) for _ in range(2)]
     reference = reference_map(lambda theta: -case.log_posterior(case.unpack(theta)), starts)
-    return case, idata, case.unpack(reference.x), -reference.fun
+    return case, idata, case.unpack(reference.x), -reference.fun, em
 
 
 def map_point(idata, names):
@@ -247,7 +262,8 @@ def map_point(idata, names):
 
 
 def test_map_and_log_posterior_match_scipy(fitted):
-    case, idata, mode, log_posterior = fitted
+    case, idata, mode, log_posterior, em = fitted
+    assert sorted(em.closed_form_params) == sorted(case.closed_form)
     assert bool(idata.em_stats["converged"])
     point = map_point(idata, case.names)
     for name in case.names:
@@ -259,7 +275,7 @@ def test_map_and_log_posterior_match_scipy(fitted):
 
 
 def test_responsibilities_follow_bayes_rule(fitted):
-    case, idata, _, _ = fitted
+    case, idata, *_ = fitted
     point = map_point(idata, case.names)
     table = log_joint_table(*case.pieces(point), case.y)[case.c < 0]
     expected = table - logsumexp(table, axis=1, keepdims=True)
@@ -276,7 +292,7 @@ def test_responsibilities_follow_bayes_rule(fitted):
 
 
 def test_pointwise_log_likelihood_sums_the_missing_value_out(fitted):
-    case, idata, _, _ = fitted
+    case, idata, *_ = fitted
     point = map_point(idata, case.names)
     log_pc, means, sigma = case.pieces(point)
     table = log_joint_table(log_pc, means, sigma, case.y)
