@@ -27,7 +27,13 @@ from pm_em.compile import evaluate_once
 from pm_em.data import recording_reads
 from pm_em.dependence import build_owner_graphs
 from pm_em.errors import UnsupportedModelError
-from pm_em.latents import InfiniteSupportError, LatentSpec, is_discrete, support_bounds
+from pm_em.latents import (
+    InfiniteSupportError,
+    LatentSpec,
+    family_name,
+    is_discrete,
+    support_bounds,
+)
 from pm_em.rewrites import split_advanced_indexing
 
 __all__ = [
@@ -270,9 +276,13 @@ def _select_latents(model: pm.Model, latent_vars: list[str] | None) -> list[Vari
         selected.append(rv)
     for rv in discrete:
         if rv not in selected:
+            imputed = _imputed_from(model, rv)
+            origin = (
+                f" (PyMC created it to impute the missing values of '{imputed}')" if imputed else ""
+            )
             raise UnsupportedModelError(
-                f"'{rv.name}' is a discrete free variable but not in latent_vars. The M-step "
-                "optimizes continuous variables only: add it to latent_vars."
+                f"'{rv.name}' is a discrete free variable{origin} but not in latent_vars. "
+                "The M-step optimizes continuous variables only: add it to latent_vars."
             )
     return selected
 
@@ -296,13 +306,14 @@ def _latent_specs(model, latent_rvs, point) -> list[LatentSpec]:
         except InfiniteSupportError:
             imputed = _imputed_from(model, rv)
             origin = (
-                f" PyMC created it to impute the missing values of '{imputed}'; drop "
-                "those observations, or give the likelihood a finite support."
+                f" PyMC created it to impute the missing values of '{imputed}': give "
+                f"'{imputed}' a finite support (pm.Truncated(..., upper=...) on its "
+                "likelihood), or drop the rows where it is missing."
                 if imputed
                 else " Truncate it (pm.Truncated(..., upper=...)) or marginalize it by hand."
             )
             raise UnsupportedModelError(
-                f"Latent '{rv.name}' ({type(rv.owner.op).__name__}) has infinite support, "
+                f"Latent '{rv.name}' ({family_name(rv)}) has infinite support, "
                 f"so EM cannot enumerate it.{origin}"
             ) from None
         for bound in (lower, upper):
@@ -426,13 +437,21 @@ def _attach_dependence(model, terms, latents, point, chains) -> None:
         position += 1 + len(checks)
         for check, ok in zip(checks, oks):
             if not bool(ok):
+                imputed = _imputed_from(model, latent.rv)
+                way_out = (
+                    f"'{latent.name}' holds the missing values of '{imputed}', which "
+                    f"PyMC imputes: use '{imputed}' element by element, or drop the rows "
+                    "where it is missing."
+                    if imputed
+                    else f"Marginalize '{latent.name}' by hand, or make it a scalar latent "
+                    "if it acts as a whole."
+                )
                 raise UnsupportedModelError(
                     f"The log-probability of '{t.name}' combines several elements of the "
                     f"latent '{latent.name}' (through {check.op_name}), so its elements "
                     "cannot be enumerated independently. pm_em supports dependents whose "
                     f"every element depends on one element of '{latent.name}' (x[i] on "
-                    f"z[i], mu[z], mu[z[group]]). Marginalize '{latent.name}' by hand, or "
-                    "make it a scalar latent if it acts as a whole."
+                    f"z[i], mu[z], mu[z[group]]). {way_out}"
                 )
         if (owner < 0).all():
             t.latents.discard(latent.name)

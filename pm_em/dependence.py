@@ -39,8 +39,11 @@ from pytensor.tensor.blockwise import Blockwise
 from pytensor.tensor.elemwise import CAReduce, DimShuffle, Elemwise
 from pytensor.tensor.shape import Reshape, Shape, Shape_i, SpecifyShape
 from pytensor.tensor.subtensor import (
+    AdvancedIncSubtensor,
+    AdvancedIncSubtensor1,
     AdvancedSubtensor,
     AdvancedSubtensor1,
+    IncSubtensor,
     Subtensor,
 )
 from pytensor.tensor.type import TensorType
@@ -387,6 +390,50 @@ def _subtensor_owner(op, node, input_owners):
     if any(o is not None for o in input_owners[1:]):
         return propagate_owner.dispatch(object)(op, node, input_owners)
     return [op(input_owners[0], *node.inputs[1:])], []
+
+
+def _fresh_inc_op(op, set_instead_of_inc: bool):
+    """``op``'s kind of (advanced) inc/set subtensor, on the same indices, not in place.
+
+    Owner graphs reuse owner arrays elsewhere (checks), so they must not be destroyed.
+    """
+    props = {name: getattr(op, name) for name in op.__props__}
+    props.update(inplace=False, set_instead_of_inc=set_instead_of_inc)
+    return type(op)(**props)
+
+
+@propagate_owner.register(IncSubtensor)
+@propagate_owner.register(AdvancedIncSubtensor1)
+@propagate_owner.register(AdvancedIncSubtensor)
+def _inc_subtensor_owner(op, node, input_owners):
+    # PyMC imputes missing observations this way: the observed values and the free
+    # variable of the missing ones are written into one array by index (or mask),
+    # ``set_subtensor(empty[missing], c_unobserved)``. Element j of the latent then
+    # owns the output entry it was written to.
+    x, y, *indices = node.inputs
+    (out,) = node.outputs
+    if any(o is not None for o in input_owners[2:]):
+        # The latent picks where to write: the generic rule.
+        return propagate_owner.dispatch(object)(op, node, input_owners)
+    x_owner = input_owners[0] if input_owners[0] is not None else _filled_like(x)
+    y_owner = input_owners[1] if input_owners[1] is not None else _filled_like(y)
+    if op.set_instead_of_inc:
+        # Written entries take the owner of what was written, the others keep x's
+        # (repeated indices: the same entry wins as in the op itself).
+        return [_fresh_inc_op(op, True)(x_owner, y_owner, *indices)], []
+    # An increment adds every written value (repeated indices add several) to x's:
+    # each entry must have one owner among all of them. Count the named owners,
+    # their sum and sum of squares per entry: they all agree iff
+    # count * sum_of_squares == sum**2.
+    inc = _fresh_inc_op(op, False)
+    x_named, y_named = pt.ge(x_owner, 0), pt.ge(y_owner, 0)
+    x_value, y_value = pt.switch(x_named, x_owner, 0), pt.switch(y_named, y_owner, 0)
+    count = inc(x_named.astype("int64"), y_named.astype("int64"), *indices)
+    total = inc(x_value, y_value, *indices)
+    squares = inc(x_value * x_value, y_value * y_value, *indices)
+    ok = pt.all(pt.eq(count * squares, total * total))
+    owner = pt.switch(pt.gt(count, 0), total // pt.maximum(count, 1), NO_OWNER)
+    return [pt.broadcast_to(owner, out.shape)], [ok]
 
 
 @propagate_owner.register(Blockwise)

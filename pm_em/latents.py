@@ -14,6 +14,7 @@ from functools import singledispatch
 import numpy as np
 import pytensor.tensor as pt
 from pymc.distributions.discrete import DiscreteUniformRV
+from pymc.distributions.distribution import PartialObservedRV
 from pymc.distributions.truncated import TruncatedRV
 from pytensor.graph.basic import Variable
 from pytensor.tensor.random.basic import (
@@ -37,7 +38,13 @@ _NONNEGATIVE_OPS = (
     HyperGeometricRV,
 )
 
-__all__ = ["InfiniteSupportError", "LatentSpec", "is_discrete", "support_bounds"]
+__all__ = [
+    "InfiniteSupportError",
+    "LatentSpec",
+    "family_name",
+    "is_discrete",
+    "support_bounds",
+]
 
 
 class InfiniteSupportError(Exception):
@@ -145,3 +152,21 @@ def _truncated_bounds(op, node):
     if isinstance(op.base_rv_op, _NONNEGATIVE_OPS):
         lower = pt.maximum(lower, 0)
     return lower, upper
+
+
+@support_bounds.register(PartialObservedRV)
+def _partially_observed_bounds(op, node):
+    # PyMC imputes the missing values of a likelihood it cannot split into two
+    # random variables (pm.Truncated) by slicing the whole variable with the mask:
+    # the slice has the whole variable's support.
+    whole = node.inputs[0]
+    return support_bounds(whole.owner.op, whole.owner)
+
+
+def family_name(rv: Variable) -> str:
+    """The name of the distribution ``rv`` is drawn from, for messages: the sliced
+    variable's, for a partially observed one."""
+    node = rv.owner
+    while isinstance(node.op, PartialObservedRV):
+        node = node.inputs[0].owner
+    return type(node.op).__name__

@@ -193,7 +193,8 @@ class ClosedFormContext:
     def entries(self, term: Term) -> TermEntries | None:
         """The term's entries with their responsibilities, or None when the term's
         latents are not enumerated on their own (joint latents, globals mixed with
-        element latents, entries free of the latent)."""
+        element latents). Entries free of the latent weigh 1 under the first
+        configuration (they are the same under all)."""
         rv = self.rv_of(term)
         if term.name in self._chains:
             return None  # a chain's own term: see chain_use
@@ -211,12 +212,16 @@ class ClosedFormContext:
             size = int(np.prod(shape, dtype=int))
             weights = pt.broadcast_to(pt.exp(self._log_q[c])[:, None], (latent.n_support, size))
             return TermEntries(term, rv, weights, latent, shape)
-        if (owner < 0).any():
-            return None
         weights = pt.exp(self._log_w[c][j][0])  # (K, n): no globals in this component
         flat_owner = owner.ravel()
         if not (flat_owner.size == latent.size and (flat_owner == np.arange(latent.size)).all()):
-            weights = weights[:, pt.constant(flat_owner)]
+            weights = weights[:, pt.constant(np.maximum(flat_owner, 0))]
+        if (flat_owner < 0).any():
+            # Entries free of the latent (observed rows beside imputed ones) are the
+            # same under every configuration: all their weight on the first one.
+            free = pt.constant((flat_owner < 0)[None, :])
+            first = pt.constant((np.arange(latent.n_support) == 0)[:, None].astype("float64"))
+            weights = pt.switch(free, first, weights)
         return TermEntries(term, rv, weights, latent, owner.shape)
 
     def chain_use(self, term: Term) -> ChainUse | None:
