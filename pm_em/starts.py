@@ -297,6 +297,9 @@ def _label_m_step(em, point, labels: dict[str, np.ndarray]) -> dict:
         return point
     if any(c.globals and c.groups for c in components):
         return point
+    # A user's value outside its support: refused with a message where it is applied.
+    if not all(np.all(np.isfinite(v)) for v in em.to_values(point)):
+        return point
     log_resp = {}
     if set(labels) != {lat.name for lat in em.latents}:
         log_resp.update(em.e_step(point))
