@@ -23,7 +23,7 @@ from pm_em.inference_data import build_inference_data
 from pm_em.laplace import laplace_idata
 from pm_em.loop import ACCELERATIONS, EMIteration, logp_rounding, run_em
 from pm_em.progress import progress_reporter
-from pm_em.starts import start_points
+from pm_em.starts import resolve_init, start_points
 
 # Two converged starts are at the same mode when their final log-posteriors differ by
 # less than this many times tol per observation: EM stops short of its mode by about
@@ -163,11 +163,13 @@ def find_MAP(
         of the default point, where all components are equal). ``"prior"``: a draw
         from the prior of the continuous variables (Flat ones jittered).
         ``"kmeans"``: k-means++ seeding and Lloyd iterations on the data for
-        every location parameter indexed by a latent directly on observed data (the
-        ``mu`` of ``x ~ Normal(mu[z], ...)`` or ``MvNormal(mu[z], ...)``), jitter for
-        the other parameters. A dict: those values, jitter for the rest. ``"auto"``
-        is ``"kmeans"`` when the model has such a location parameter, ``"jitter"``
-        otherwise.
+        every location parameter indexed by a latent on observed data (the ``mu``
+        of ``x ~ Normal(mu[z], ...)`` or ``MvNormal(mu[z], ...)``; for a sum such as
+        ``mu_g[group] + delta[z]``, on the data minus the other terms, which start
+        at group means), then one M-step on the k-means labels for the other
+        parameters. A dict: those values, jitter for the rest. ``"auto"`` is
+        ``"kmeans"`` when the model has such a location parameter, ``"jitter"``
+        otherwise; ``em_stats.attrs["init"]`` records the strategy used.
     n_init : int, default 1
         Number of starts, each seeded from ``random_seed`` (one seed per start, as
         PyMC seeds chains). The start with the highest observed-data log-posterior
@@ -277,7 +279,8 @@ def find_MAP(
     check_observed_data(em.model)
     if var_names is not None:
         _check_var_names(em, var_names)
-    starts = start_points(em, init, n_init, random_seed, fixed=set(initvals or ()))
+    strategy = resolve_init(init, em)
+    starts = start_points(em, init, n_init, random_seed, fixed=initvals or {})
     if isinstance(init, Mapping):
         starts = [_apply_values(em, point, init, "init") for point in starts]
     starts = [_apply_values(em, point, initvals, "initvals") for point in starts]
@@ -318,7 +321,7 @@ def find_MAP(
     result = em.finish(state, histories[best])
     result.restarts, result.best_restart = histories, best
     options = {
-        "init": init if isinstance(init, str) else "values",
+        "init": strategy,
         "accelerate": str(accelerate),
         "squarem_from": -1
         if histories[best].squarem_from is None
