@@ -90,6 +90,7 @@ def find_MAP(
     random_seed=None,
     progressbar: bool = True,
     compile_kwargs: dict | None = None,
+    backend: str | None = None,
     blas_cores: int | None = 1,
     laplace: bool = False,
     callback=None,
@@ -145,6 +146,11 @@ def find_MAP(
         the best log-posterior.
     compile_kwargs : dict, optional
         Passed to :func:`pytensor.function`.
+    backend : {"jax", "c"}, optional
+        What compiles the routine: ``"jax"`` (JAX/XLA: a new model compiles in
+        seconds; the default when JAX is installed) or ``"c"`` (PyTensor's C code,
+        cached on disk, tens of seconds for a new model). ``PM_EM_BACKEND`` in the
+        environment sets the default. Recorded in ``em_stats.attrs["backend"]``.
     blas_cores : int or None, default 1
         Threads BLAS may use during the fit (as ``pm.sample``'s ``blas_cores``);
         None leaves the setting alone. EM's linear algebra is on small arrays, where
@@ -217,7 +223,7 @@ def find_MAP(
     _check_options(tol, max_iter, blas_cores, n_init, accelerate)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {callback!r}.")
-    em = cached_routine(model, latent_vars, compile_kwargs)
+    em = cached_routine(model, latent_vars, compile_kwargs, backend)
     check_observed_data(em.model)
     if var_names is not None:
         _check_var_names(em, var_names)
@@ -263,6 +269,7 @@ def find_MAP(
         "init": init if isinstance(init, str) else "values",
         "accelerate": str(accelerate),
         "stopped": stopped,
+        "backend": em.backend,
     }
     idata = build_inference_data(em, result, tol=tol, max_iter=max_iter, options=options)
     if laplace:

@@ -1,27 +1,130 @@
-"""The one place where pm_em turns graphs into callables."""
+"""The one place where pm_em turns graphs into callables, and where the backend
+(the PyTensor mode that compiles them) is chosen.
+
+Backends. ``"jax"`` (the default when JAX is installed) traces each function with
+JAX and compiles it with XLA: a new model costs seconds, against tens of seconds of
+C compilation on an empty PyTensor cache. ``"c"`` is PyTensor's default mode (C
+thunks, cached on disk). ``PM_EM_BACKEND`` in the environment overrides the default.
+
+JAX compiles for static shapes only, so a JAX function sees the model's data
+through :func:`freeze_shapes`: every ``pm.Data`` container with its current shape
+made static, and every mutable dim length as its current value. The containers'
+values are still read at every call (``pm.set_data`` of the same shape needs no
+recompiling); a new shape makes the routine stale (:mod:`pm_em.data`), as with C.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import pytensor
+import pytensor.tensor as pt
 from pytensor.compile.mode import Mode
+from pytensor.compile.sharedvalue import SharedVariable
 from pytensor.graph.basic import Variable
+from pytensor.graph.replace import graph_replace
+from pytensor.graph.traversal import graph_inputs
+from pytensor.tensor.type import TensorType
 
 from pm_em.data import note_reads
 
-__all__ = ["CompiledFunction", "compile_function", "evaluate_once"]
+__all__ = [
+    "BACKENDS",
+    "CompiledFunction",
+    "compile_function",
+    "default_backend",
+    "evaluate_once",
+    "freeze_shapes",
+    "resolve_backend",
+]
+
+#: The backends a routine can be compiled with, and the PyTensor mode of each (None:
+#: PyTensor's configured default mode, C thunks).
+BACKENDS = {"jax": "JAX", "c": None}
 
 # Graphs evaluated once at build time: pure Python thunks, so that no C code is
 # generated and compiled for them (the first C compilation of an op costs seconds).
 _ONCE = Mode(linker="py", optimizer="fast_compile")
 
 
+def default_backend() -> str:
+    """``PM_EM_BACKEND`` when set, else ``"jax"`` when JAX is installed, else ``"c"``."""
+    chosen = os.environ.get("PM_EM_BACKEND", "").strip().lower()
+    if chosen:
+        return resolve_backend(chosen)
+    return "jax" if _jax_installed() else "c"
+
+
+def _jax_installed() -> bool:
+    return importlib.util.find_spec("jax") is not None
+
+
+def resolve_backend(backend: str | None, compile_kwargs: dict | None = None) -> str:
+    """The backend to use: ``backend`` checked, or the default.
+
+    A ``mode`` in ``compile_kwargs`` is PyTensor's own choice and wins; it then
+    names the backend (``"jax"`` for JAX modes, ``"c"`` for any other) and may not
+    contradict an explicit ``backend``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown backend, or a ``backend`` that contradicts ``compile_kwargs``.
+    ImportError
+        For ``"jax"`` when JAX is not installed.
+    """
+    mode = (compile_kwargs or {}).get("mode")
+    if mode is not None:
+        implied = "jax" if "jax" in str(getattr(mode, "linker", mode)).lower() else "c"
+        if backend is not None and backend != implied:
+            raise ValueError(
+                f"backend={backend!r} contradicts compile_kwargs['mode']={mode!r}; "
+                "pass one of them."
+            )
+        backend = implied
+    if backend is None:
+        return default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}.")
+    if backend == "jax" and not _jax_installed():
+        raise ImportError(
+            "backend='jax' needs JAX: pip install jax (or pass backend='c' to compile C)."
+        )
+    return backend
+
+
+def freeze_shapes(outputs: Sequence[Variable]) -> list[Variable]:
+    """``outputs`` with the shapes of the data they read made static.
+
+    Each tensor ``pm.Data`` container (a shared variable) is seen through
+    ``specify_shape`` at its current shape, and each shared integer scalar (a mutable
+    dim length) is replaced by its current value: shapes computed from them become
+    constants, as JAX requires. The containers stay inputs of the function, so their
+    values are read at every call.
+    """
+    replace = {}
+    for var in graph_inputs(outputs):
+        if not isinstance(var, SharedVariable) or not isinstance(var.type, TensorType):
+            continue
+        value = np.asarray(var.get_value(borrow=True))
+        if var.type.ndim == 0 and var.type.dtype.startswith(("int", "uint")):
+            replace[var] = pt.constant(value, dtype=var.type.dtype)
+        elif var.type.ndim > 0:
+            replace[var] = pt.specify_shape(var, value.shape)
+    if not replace:
+        return list(outputs)
+    return list(graph_replace(list(outputs), replace, strict=False))
+
+
 def compile_function(
     inputs: Sequence[Variable],
     outputs: Sequence[Variable],
     compile_kwargs: dict | None = None,
+    backend: str = "c",
 ):
     """Compile ``outputs`` as a function of ``inputs`` (positional), returning a list.
 
@@ -29,10 +132,23 @@ def compile_function(
     ----------
     inputs, outputs : sequence of Variable
     compile_kwargs : dict, optional
-        Passed to :func:`pytensor.function` (e.g. ``{"mode": "NUMBA"}``).
+        Passed to :func:`pytensor.function`; a ``mode`` there wins over ``backend``.
+    backend : {"c", "jax"}, default "c"
+        As resolved by :func:`resolve_backend`.
     """
     kwargs = {"on_unused_input": "ignore", **(compile_kwargs or {})}
-    return CompiledFunction(pytensor.function(list(inputs), list(outputs), **kwargs))
+    if "mode" not in kwargs and BACKENDS[backend] is not None:
+        kwargs["mode"] = BACKENDS[backend]
+    outputs = list(outputs)
+    if backend == "jax":
+        outputs = freeze_shapes(outputs)
+    with warnings.catch_warnings():
+        # JAX drops PyMC's parameter checks (Check{...} ops) from a traced graph and
+        # says so for each. pm_em checks start values itself (pm_em.diagnostics), and
+        # the M-step moves on the unconstrained space, inside every check.
+        warnings.filterwarnings("ignore", message="Skipping .* JAX tracing", category=UserWarning)
+        fn = pytensor.function(list(inputs), outputs, **kwargs)
+    return CompiledFunction(fn, to_numpy=backend == "jax")
 
 
 class CompiledFunction:
@@ -52,11 +168,15 @@ class CompiledFunction:
     Parameters
     ----------
     fn : pytensor.compile.function.types.Function
+    to_numpy : bool, default False
+        Return NumPy arrays (a JAX function returns JAX arrays; on the CPU the
+        conversion shares their memory).
     """
 
-    def __init__(self, fn):
+    def __init__(self, fn, to_numpy: bool = False):
         self.fn = fn
         self.maker = fn.maker
+        self._to_numpy = to_numpy
         #: Per explicit input, the float dtype to cast to, or None (not a float
         #: input). Implicit inputs (shared variables) are not passed by the caller.
         dtypes = [
@@ -67,7 +187,10 @@ class CompiledFunction:
     def __call__(self, *args):
         if len(args) != len(self._dtypes):
             return self.fn(*args)  # PyTensor's own error names what is wrong
-        return self.fn(*(_cast(a, d) for a, d in zip(args, self._dtypes)))
+        outputs = self.fn(*(_cast(a, d) for a, d in zip(args, self._dtypes)))
+        if self._to_numpy:
+            return [np.asarray(v) for v in outputs]
+        return outputs
 
 
 def _cast(value, dtype: str | None):
