@@ -141,6 +141,8 @@ def compile_function(
         kwargs["mode"] = BACKENDS[backend]
     outputs = list(outputs)
     if backend == "jax":
+        import pm_em.forward_backward_jax  # noqa: F401  (registers the HMM Ops with JAX)
+
         outputs = freeze_shapes(outputs)
     with warnings.catch_warnings():
         # JAX drops PyMC's parameter checks (Check{...} ops) from a traced graph and
