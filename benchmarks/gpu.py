@@ -34,8 +34,9 @@ def gpu_devices() -> list:
 
 def fit(case_key: str, n: int, seed: int) -> str:
     """First and warm fit of one case; a one-line report."""
-    import pm_em
     from cases import CASES
+
+    import pm_em
 
     case = CASES[case_key]
     x = case.simulate(n, seed)

@@ -19,6 +19,7 @@ import importlib.util
 import os
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import pytensor
@@ -27,7 +28,9 @@ from pytensor.compile.mode import Mode
 from pytensor.compile.sharedvalue import SharedVariable
 from pytensor.graph.basic import Variable
 from pytensor.graph.replace import graph_replace
+from pytensor.graph.rewriting.utils import rewrite_graph
 from pytensor.graph.traversal import graph_inputs
+from pytensor.tensor.random.type import RandomType
 from pytensor.tensor.type import TensorType
 
 from pm_em.data import note_reads
@@ -35,6 +38,7 @@ from pm_em.data import note_reads
 __all__ = [
     "BACKENDS",
     "CompiledFunction",
+    "JAXFunction",
     "compile_function",
     "default_backend",
     "evaluate_once",
@@ -115,9 +119,17 @@ def freeze_shapes(outputs: Sequence[Variable]) -> list[Variable]:
             replace[var] = pt.constant(value, dtype=var.type.dtype)
         elif var.type.ndim > 0:
             replace[var] = pt.specify_shape(var, value.shape)
-    if not replace:
-        return list(outputs)
-    return list(graph_replace(list(outputs), replace, strict=False))
+    outputs = list(outputs)
+    if replace:
+        outputs = list(graph_replace(outputs, replace, strict=False))
+    if any(isinstance(v.type, RandomType) for v in graph_inputs(outputs)):
+        # A random variable whose shape alone is read (C's rewrites drop it later):
+        # its shape from its parameters instead, so that no RNG reaches JAX's linker,
+        # which cannot take one as an input here.
+        outputs = rewrite_graph(
+            outputs, include=("canonicalize", "ShapeOpt", "local_shape_to_shape_i")
+        )
+    return outputs
 
 
 def compile_function(
@@ -139,18 +151,31 @@ def compile_function(
     kwargs = {"on_unused_input": "ignore", **(compile_kwargs or {})}
     if "mode" not in kwargs and BACKENDS[backend] is not None:
         kwargs["mode"] = BACKENDS[backend]
-    outputs = list(outputs)
     if backend == "jax":
-        import pm_em.forward_backward_jax  # noqa: F401  (registers the HMM Ops with JAX)
+        return JAXFunction(inputs, outputs, kwargs)
+    return CompiledFunction(pytensor.function(list(inputs), list(outputs), **kwargs))
 
-        outputs = freeze_shapes(outputs)
+
+@contextmanager
+def _quiet_jax():
+    """Silence what JAX says, by design, about pm_em's graphs."""
     with warnings.catch_warnings():
         # JAX drops PyMC's parameter checks (Check{...} ops) from a traced graph and
         # says so for each. pm_em checks start values itself (pm_em.diagnostics), and
         # the M-step moves on the unconstrained space, inside every check.
         warnings.filterwarnings("ignore", message="Skipping .* JAX tracing", category=UserWarning)
-        fn = pytensor.function(list(inputs), outputs, **kwargs)
-    return CompiledFunction(fn, to_numpy=backend == "jax")
+        # A graph that reads only the shape of a random variable keeps its RNG among
+        # the function's inputs; JAX says it uses a copy. Nothing draws from it.
+        warnings.filterwarnings(
+            "ignore", message="The RandomType SharedVariables", category=UserWarning
+        )
+        # Under floatX="float32", PyTensor's gradients may add a float64 term into a
+        # float32 slice (AdvancedIncSubtensor); C casts it down, and so does JAX for
+        # now, announcing that it will refuse later. Pinned below that JAX release.
+        warnings.filterwarnings(
+            "ignore", message="scatter inputs have incompatible types", category=FutureWarning
+        )
+        yield
 
 
 class CompiledFunction:
@@ -193,6 +218,73 @@ class CompiledFunction:
         if self._to_numpy:
             return [np.asarray(v) for v in outputs]
         return outputs
+
+
+class JAXFunction(CompiledFunction):
+    """A function compiled with JAX for the shapes of its arguments.
+
+    JAX compiles for static shapes, and PyTensor's graphs compute some shapes from
+    their inputs' (a slice of ``theta_flat`` reshaped to a parameter's shape). The
+    function is therefore compiled at its first call, with each input's shape and the
+    data's (:func:`freeze_shapes`) made static, and again for arguments of new shapes
+    (as ``jax.jit`` itself retraces for them).
+
+    Parameters
+    ----------
+    inputs, outputs : sequence of Variable
+    kwargs : dict
+        For :func:`pytensor.function`, ``mode`` included.
+    """
+
+    def __init__(self, inputs, outputs, kwargs):
+        import pm_em.forward_backward_jax  # noqa: F401  (registers the HMM Ops with JAX)
+
+        self._inputs = list(inputs)
+        self._outputs = freeze_shapes(outputs)
+        self._kwargs = kwargs
+        self._by_shapes = {}
+        self._last = None
+        self._to_numpy = True
+        self._dtypes = [
+            d if d.startswith("float") else None
+            for d in (getattr(v.type, "dtype", "") for v in self._inputs)
+        ]
+
+    def _compiled(self, shapes):
+        fn = self._by_shapes.get(shapes)
+        if fn is None:
+            outputs = self._outputs
+            if shapes is not None:
+                fixed = {
+                    v: pt.specify_shape(v, shape)
+                    for v, shape in zip(self._inputs, shapes)
+                    if isinstance(v.type, TensorType) and None in v.type.shape
+                }
+                if fixed:
+                    outputs = list(graph_replace(outputs, fixed, strict=False))
+            with _quiet_jax():
+                fn = pytensor.function(self._inputs, outputs, **self._kwargs)
+            self._by_shapes[shapes] = fn
+        self._last = fn
+        return fn
+
+    @property
+    def fn(self):
+        """The function last called (compiled without input shapes if none was)."""
+        return self._last if self._last is not None else self._compiled(None)
+
+    @property
+    def maker(self):
+        return self.fn.maker
+
+    def __call__(self, *args):
+        if len(args) != len(self._dtypes):
+            return self.fn(*args)  # PyTensor's own error names what is wrong
+        args = [_cast(a, d) for a, d in zip(args, self._dtypes)]
+        shapes = tuple(np.shape(a) for a in args)
+        with _quiet_jax():
+            outputs = self._compiled(shapes)(*args)
+        return [np.asarray(v) for v in outputs]
 
 
 def _cast(value, dtype: str | None):
