@@ -90,8 +90,12 @@ def test_hmm_matches_baum_welch():
     # Flat priors: Dirichlet(1) on P and pi, flat mu and sigma: Baum-Welch's MLE.
     expected = reference.baum_welch(y, start, emission="gaussian", tol=1e-12)
     post = idata.posterior.squeeze(("chain", "draw"))
+    # The mode has transitions at 0, where both approach it slowly: the likelihood
+    # agrees tightly, the parameters to the distance both still have to go.
+    loglik = float(idata.log_likelihood["y"].sum())
+    assert loglik == pytest.approx(expected.loglik_trace[-1], rel=1e-9)
     for name in ("P", "pi", "mu", "sigma"):
-        np.testing.assert_allclose(post[name], expected.estimates[name], atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(post[name], expected.estimates[name], atol=1e-4, err_msg=name)
     path = reference.viterbi_paths(y, expected.estimates, "gaussian")[0]
     np.testing.assert_array_equal(post["s"], path)
 
