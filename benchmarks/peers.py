@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 from cases import Case, Params
 
-PEERS = ("numpy", "sklearn", "hmmlearn", "pm_em", "pm_em-c", "pymc-extras")
+PEERS = ("numpy", "sklearn", "hmmlearn", "pm_em", "pm_em-jax", "pymc-extras")
 
 #: Methods that compile PyTensor code, so have a cold start worth measuring.
-COMPILING = ("pm_em", "pm_em-c", "pymc-extras")
+COMPILING = ("pm_em", "pm_em-jax", "pymc-extras")
 
 
 @dataclass
@@ -77,7 +77,7 @@ def make_fit(
         "sklearn": _sklearn,
         "hmmlearn": _hmmlearn,
         "pm_em": _pm_em,
-        "pm_em-c": partial(_pm_em, backend="c"),
+        "pm_em-jax": partial(_pm_em, backend="jax"),
         "pymc-extras": _pymc_extras,
     }
     return builders[peer](case, x, tol, max_iter, seed)
@@ -185,7 +185,7 @@ def _pm_em(
     case: Case, x: np.ndarray, tol: float, max_iter: int, seed: int, backend: str | None = None
 ) -> Callable[[], Fit]:
     """``pm_em.find_MAP`` on the model with its latent written out, compiled with
-    ``backend`` (``pm_em``: the default backend, JAX when installed; ``pm_em-c``: C).
+    ``backend`` (``pm_em``: the default backend, C; ``pm_em-jax``: JAX).
 
     The model object is built once; the first call compiles the EM routine (and
     caches it on the model), later calls reuse it.

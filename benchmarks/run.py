@@ -79,7 +79,7 @@ PEER_LABELS = {
     "sklearn": "scikit-learn",
     "hmmlearn": "hmmlearn",
     "pm_em": "pm_em (default backend)",
-    "pm_em-c": "pm_em (C backend)",
+    "pm_em-jax": "pm_em (JAX backend)",
     "pymc-extras": "pymc-extras",
 }
 RESULT_PREFIX = "BENCH-RESULT "
@@ -556,7 +556,7 @@ def targets_table(rows: list[Measurement], args: argparse.Namespace) -> str:
 
     target = "cold first fit ≤ 10 s"
     for key, n in measured:
-        for peer in ("pm_em", "pm_em-c"):
+        for peer in ("pm_em", "pm_em-jax"):
             pe = _by(rows, key, n, peer)
             if pe is None or pe.cold_status is None:
                 continue
@@ -564,9 +564,9 @@ def targets_table(rows: list[Measurement], args: argparse.Namespace) -> str:
             result = "not measured" if pe.cold_s is None else verdict(pe.cold_s, 10.0)
             line(target, key, n, mine, "10 s", "–", result)
 
-    target = "warm fit ≤ 1.0x the C backend"
+    target = "warm fit (JAX) ≤ 1.0x the C backend"
     for key, n in measured:
-        pe, c = _by(rows, key, n, "pm_em"), _by(rows, key, n, "pm_em-c")
+        pe, c = _by(rows, key, n, "pm_em-jax"), _by(rows, key, n, "pm_em")
         if pe is None or c is None or pe.warm_s is None or c.warm_s is None:
             continue
         ratio = pe.warm_s / c.warm_s

@@ -146,10 +146,10 @@ def find_MAP(
         the best log-posterior.
     compile_kwargs : dict, optional
         Passed to :func:`pytensor.function`.
-    backend : {"jax", "c"}, optional
-        What compiles the routine: ``"jax"`` (JAX/XLA: a new model compiles in
-        seconds; the default when JAX is installed) or ``"c"`` (PyTensor's C code,
-        cached on disk, tens of seconds for a new model). ``PM_EM_BACKEND`` in the
+    backend : {"c", "jax"}, optional
+        What compiles the routine: ``"c"`` (the default: PyTensor's C code, cached
+        on disk, tens of seconds for a new model) or ``"jax"`` (JAX/XLA: a new model
+        compiles in seconds; ``pip install "pm_em[jax]"``). ``PM_EM_BACKEND`` in the
         environment sets the default. Recorded in ``em_stats.attrs["backend"]``.
     blas_cores : int or None, default 1
         Threads BLAS may use during the fit (as ``pm.sample``'s ``blas_cores``);

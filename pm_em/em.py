@@ -188,10 +188,10 @@ class EM:
         Names of the latents to enumerate; by default every discrete free variable.
     compile_kwargs : dict, optional
         Passed to :func:`pytensor.function`.
-    backend : {"jax", "c"}, optional
-        What compiles the routine: ``"jax"`` (JAX/XLA, seconds for a new model; the
-        default when JAX is installed) or ``"c"`` (PyTensor's C backend, cached on
-        disk). ``PM_EM_BACKEND`` in the environment sets the default.
+    backend : {"c", "jax"}, optional
+        What compiles the routine: ``"c"`` (the default: PyTensor's C backend, cached
+        on disk) or ``"jax"`` (JAX/XLA, seconds for a new model). ``PM_EM_BACKEND``
+        in the environment sets the default.
     closed_form : bool, default True
         Update in closed form every parameter whose pattern is recognized (see
         :attr:`closed_form_params`); False sends all to the numeric M-step (slower,
