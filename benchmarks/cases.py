@@ -209,7 +209,7 @@ GMM1D = Case(
         "mu": gm.means_[:, 0],
         "sigma": np.sqrt(gm.covariances_[:, 0]),
     },
-    peers=("numpy", "sklearn", "pm_em", "pymc-extras"),
+    peers=("numpy", "sklearn", "pm_em", "pm_em-jax", "pymc-extras"),
 )
 
 
@@ -381,7 +381,7 @@ MVGMM = Case(
         "precisions_init": np.linalg.inv(MVGMM_START["cov"]),
     },
     from_sklearn=lambda gm: {"w": gm.weights_, "mu": gm.means_, "cov": gm.covariances_},
-    peers=("numpy", "sklearn", "pm_em", "pymc-extras"),
+    peers=("numpy", "sklearn", "pm_em", "pm_em-jax", "pymc-extras"),
 )
 
 
@@ -440,7 +440,7 @@ ZIP = Case(
     from_posterior=lambda get: {"psi": get("psi"), "rate": get("rate")},
     sklearn=None,
     from_sklearn=None,
-    peers=("numpy", "pm_em"),
+    peers=("numpy", "pm_em", "pm_em-jax"),
 )
 
 
@@ -602,7 +602,7 @@ HMM = Case(
     from_posterior=lambda get: {name: get(name) for name in ("P", "pi", "mu", "sigma")},
     sklearn=None,
     from_sklearn=None,
-    peers=("numpy", "hmmlearn", "pm_em"),
+    peers=("numpy", "hmmlearn", "pm_em", "pm_em-jax"),
     posterior_stats=hmm_posterior_stats,
     hmmlearn=hmm_hmmlearn,
     from_hmmlearn=lambda model: {

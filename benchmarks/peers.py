@@ -12,15 +12,16 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
 from cases import Case, Params
 
-PEERS = ("numpy", "sklearn", "hmmlearn", "pm_em", "pymc-extras")
+PEERS = ("numpy", "sklearn", "hmmlearn", "pm_em", "pm_em-jax", "pymc-extras")
 
 #: Methods that compile PyTensor code, so have a cold start worth measuring.
-COMPILING = ("pm_em", "pymc-extras")
+COMPILING = ("pm_em", "pm_em-jax", "pymc-extras")
 
 
 @dataclass
@@ -76,6 +77,7 @@ def make_fit(
         "sklearn": _sklearn,
         "hmmlearn": _hmmlearn,
         "pm_em": _pm_em,
+        "pm_em-jax": partial(_pm_em, backend="jax"),
         "pymc-extras": _pymc_extras,
     }
     return builders[peer](case, x, tol, max_iter, seed)
@@ -179,8 +181,11 @@ def _posterior_reader(idata) -> Callable[[str], np.ndarray]:
     return get
 
 
-def _pm_em(case: Case, x: np.ndarray, tol: float, max_iter: int, seed: int) -> Callable[[], Fit]:
-    """``pm_em.find_MAP`` on the model with its latent written out.
+def _pm_em(
+    case: Case, x: np.ndarray, tol: float, max_iter: int, seed: int, backend: str | None = None
+) -> Callable[[], Fit]:
+    """``pm_em.find_MAP`` on the model with its latent written out, compiled with
+    ``backend`` (``pm_em``: the default backend, C; ``pm_em-jax``: JAX).
 
     The model object is built once; the first call compiles the EM routine (and
     caches it on the model), later calls reuse it.
@@ -200,6 +205,7 @@ def _pm_em(case: Case, x: np.ndarray, tol: float, max_iter: int, seed: int) -> C
                 max_iter=max_iter,
                 random_seed=seed,
                 progressbar=False,
+                backend=backend,
             )
         stats = idata.em_stats
         logp = np.asarray(stats["logp"], dtype=float).ravel()

@@ -78,7 +78,8 @@ PEER_LABELS = {
     "numpy": "NumPy EM",
     "sklearn": "scikit-learn",
     "hmmlearn": "hmmlearn",
-    "pm_em": "pm_em",
+    "pm_em": "pm_em (default backend)",
+    "pm_em-jax": "pm_em (JAX backend)",
     "pymc-extras": "pymc-extras",
 }
 RESULT_PREFIX = "BENCH-RESULT "
@@ -222,7 +223,7 @@ def worker(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     import pymc  # noqa: F401  (imported here so that the first call excludes it)
 
-    if args.peer == "pm_em":
+    if args.peer.startswith("pm_em"):
         import pm_em  # noqa: F401
     elif args.peer == "pymc-extras":
         import pymc_extras  # noqa: F401
@@ -478,7 +479,7 @@ def results_table(rows: list[Measurement], args: argparse.Namespace) -> str:
         )
         vs_pmx = (
             r.cold_s / pmx.cold_s
-            if r.peer == "pm_em" and pmx is not None and r.cold_s and pmx.cold_s
+            if r.peer.startswith("pm_em") and pmx is not None and r.cold_s and pmx.cold_s
             else None
         )
         iters = "–"
@@ -553,6 +554,32 @@ def targets_table(rows: list[Measurement], args: argparse.Namespace) -> str:
         else:
             line(target, key, n, mine, _fmt_s(pmx.cold_s, pmx.cold_status), "–", "not measured")
 
+    target = "cold first fit ≤ 10 s"
+    for key, n in measured:
+        for peer in ("pm_em", "pm_em-jax"):
+            pe = _by(rows, key, n, peer)
+            if pe is None or pe.cold_status is None:
+                continue
+            mine = f"{_fmt_s(pe.cold_s, pe.cold_status)} ({PEER_LABELS[peer]})"
+            result = "not measured" if pe.cold_s is None else verdict(pe.cold_s, 10.0)
+            line(target, key, n, mine, "10 s", "–", result)
+
+    target = "warm fit (JAX) ≤ 1.0x the C backend"
+    for key, n in measured:
+        pe, c = _by(rows, key, n, "pm_em-jax"), _by(rows, key, n, "pm_em")
+        if pe is None or c is None or pe.warm_s is None or c.warm_s is None:
+            continue
+        ratio = pe.warm_s / c.warm_s
+        line(
+            target,
+            key,
+            n,
+            _fmt_s(pe.warm_s),
+            _fmt_s(c.warm_s),
+            _fmt_ratio(ratio),
+            verdict(ratio, 1.0),
+        )
+
     target = "peak memory (traced) ≤ 2x scikit-learn"
     for key, n in measured:
         pe, sk = _by(rows, key, n, "pm_em"), _by(rows, key, n, "sklearn")
@@ -576,7 +603,16 @@ def environment() -> dict[str, Any]:
     import pytensor
 
     versions = {}
-    packages = ("numpy", "scipy", "scikit-learn", "hmmlearn", "pymc", "pytensor", "pymc-extras")
+    packages = (
+        "numpy",
+        "scipy",
+        "scikit-learn",
+        "hmmlearn",
+        "pymc",
+        "pytensor",
+        "pymc-extras",
+        "jax",
+    )
     for package in packages:
         try:
             versions[package] = version(package)

@@ -1,27 +1,142 @@
-"""The one place where pm_em turns graphs into callables."""
+"""The one place where pm_em turns graphs into callables, and where the backend
+(the PyTensor mode that compiles them) is chosen.
+
+Backends. ``"c"`` (the default) is PyTensor's default mode: C thunks, cached on
+disk, tens of seconds for a new model on an empty cache. ``"jax"`` traces each
+function with JAX and compiles it with XLA: seconds for a new model. ``PM_EM_BACKEND``
+in the environment overrides the default. JAX is not the default yet: a few
+closed-form MvNormal mean updates (a Normal or MvNormal prior on the means) differ
+from C by ~1e-7 relative under it (tests/test_closed_form_mvnormal.py).
+
+JAX compiles for static shapes only, so a JAX function sees the model's data
+through :func:`freeze_shapes`: every ``pm.Data`` container with its current shape
+made static, and every mutable dim length as its current value. The containers'
+values are still read at every call (``pm.set_data`` of the same shape needs no
+recompiling); a new shape makes the routine stale (:mod:`pm_em.data`), as with C.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import pytensor
+import pytensor.tensor as pt
 from pytensor.compile.mode import Mode
+from pytensor.compile.sharedvalue import SharedVariable
 from pytensor.graph.basic import Variable
+from pytensor.graph.replace import graph_replace
+from pytensor.graph.rewriting.utils import rewrite_graph
+from pytensor.graph.traversal import graph_inputs
+from pytensor.tensor.random.type import RandomType
+from pytensor.tensor.type import TensorType
 
 from pm_em.data import note_reads
 
-__all__ = ["CompiledFunction", "compile_function", "evaluate_once"]
+__all__ = [
+    "BACKENDS",
+    "CompiledFunction",
+    "JAXFunction",
+    "compile_function",
+    "default_backend",
+    "evaluate_once",
+    "freeze_shapes",
+    "resolve_backend",
+]
+
+#: The backends a routine can be compiled with, and the PyTensor mode of each (None:
+#: PyTensor's configured default mode, C thunks).
+BACKENDS = {"jax": "JAX", "c": None}
 
 # Graphs evaluated once at build time: pure Python thunks, so that no C code is
 # generated and compiled for them (the first C compilation of an op costs seconds).
 _ONCE = Mode(linker="py", optimizer="fast_compile")
 
 
+def default_backend() -> str:
+    """``PM_EM_BACKEND`` when set, else ``"c"``."""
+    chosen = os.environ.get("PM_EM_BACKEND", "").strip().lower()
+    return resolve_backend(chosen) if chosen else "c"
+
+
+def _jax_installed() -> bool:
+    return importlib.util.find_spec("jax") is not None
+
+
+def resolve_backend(backend: str | None, compile_kwargs: dict | None = None) -> str:
+    """The backend to use: ``backend`` checked, or the default.
+
+    A ``mode`` in ``compile_kwargs`` is PyTensor's own choice and wins; it then
+    names the backend (``"jax"`` for JAX modes, ``"c"`` for any other) and may not
+    contradict an explicit ``backend``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown backend, or a ``backend`` that contradicts ``compile_kwargs``.
+    ImportError
+        For ``"jax"`` when JAX is not installed.
+    """
+    mode = (compile_kwargs or {}).get("mode")
+    if mode is not None:
+        implied = "jax" if "jax" in str(getattr(mode, "linker", mode)).lower() else "c"
+        if backend is not None and backend != implied:
+            raise ValueError(
+                f"backend={backend!r} contradicts compile_kwargs['mode']={mode!r}; "
+                "pass one of them."
+            )
+        backend = implied
+    if backend is None:
+        return default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}.")
+    if backend == "jax" and not _jax_installed():
+        raise ImportError(
+            "backend='jax' needs JAX: pip install jax (or pass backend='c' to compile C)."
+        )
+    return backend
+
+
+def freeze_shapes(outputs: Sequence[Variable]) -> list[Variable]:
+    """``outputs`` with the shapes of the data they read made static.
+
+    Each tensor ``pm.Data`` container (a shared variable) is seen through
+    ``specify_shape`` at its current shape, and each shared integer scalar (a mutable
+    dim length) is replaced by its current value: shapes computed from them become
+    constants, as JAX requires. The containers stay inputs of the function, so their
+    values are read at every call.
+    """
+    replace = {}
+    for var in graph_inputs(outputs):
+        if not isinstance(var, SharedVariable) or not isinstance(var.type, TensorType):
+            continue
+        value = np.asarray(var.get_value(borrow=True))
+        if var.type.ndim == 0 and var.type.dtype.startswith(("int", "uint")):
+            replace[var] = pt.constant(value, dtype=var.type.dtype)
+        elif var.type.ndim > 0:
+            replace[var] = pt.specify_shape(var, value.shape)
+    outputs = list(outputs)
+    if replace:
+        outputs = list(graph_replace(outputs, replace, strict=False))
+    if any(isinstance(v.type, RandomType) for v in graph_inputs(outputs)):
+        # A random variable whose shape alone is read (C's rewrites drop it later):
+        # its shape from its parameters instead, so that no RNG reaches JAX's linker,
+        # which cannot take one as an input here.
+        outputs = rewrite_graph(
+            outputs, include=("canonicalize", "ShapeOpt", "local_shape_to_shape_i")
+        )
+    return outputs
+
+
 def compile_function(
     inputs: Sequence[Variable],
     outputs: Sequence[Variable],
     compile_kwargs: dict | None = None,
+    backend: str = "c",
 ):
     """Compile ``outputs`` as a function of ``inputs`` (positional), returning a list.
 
@@ -29,10 +144,38 @@ def compile_function(
     ----------
     inputs, outputs : sequence of Variable
     compile_kwargs : dict, optional
-        Passed to :func:`pytensor.function` (e.g. ``{"mode": "NUMBA"}``).
+        Passed to :func:`pytensor.function`; a ``mode`` there wins over ``backend``.
+    backend : {"c", "jax"}, default "c"
+        As resolved by :func:`resolve_backend`.
     """
     kwargs = {"on_unused_input": "ignore", **(compile_kwargs or {})}
+    if "mode" not in kwargs and BACKENDS[backend] is not None:
+        kwargs["mode"] = BACKENDS[backend]
+    if backend == "jax":
+        return JAXFunction(inputs, outputs, kwargs)
     return CompiledFunction(pytensor.function(list(inputs), list(outputs), **kwargs))
+
+
+@contextmanager
+def _quiet_jax():
+    """Silence what JAX says, by design, about pm_em's graphs."""
+    with warnings.catch_warnings():
+        # JAX drops PyMC's parameter checks (Check{...} ops) from a traced graph and
+        # says so for each. pm_em checks start values itself (pm_em.diagnostics), and
+        # the M-step moves on the unconstrained space, inside every check.
+        warnings.filterwarnings("ignore", message="Skipping .* JAX tracing", category=UserWarning)
+        # A graph that reads only the shape of a random variable keeps its RNG among
+        # the function's inputs; JAX says it uses a copy. Nothing draws from it.
+        warnings.filterwarnings(
+            "ignore", message="The RandomType SharedVariables", category=UserWarning
+        )
+        # Under floatX="float32", PyTensor's gradients may add a float64 term into a
+        # float32 slice (AdvancedIncSubtensor); C casts it down, and so does JAX for
+        # now, announcing that it will refuse later. Pinned below that JAX release.
+        warnings.filterwarnings(
+            "ignore", message="scatter inputs have incompatible types", category=FutureWarning
+        )
+        yield
 
 
 class CompiledFunction:
@@ -52,11 +195,15 @@ class CompiledFunction:
     Parameters
     ----------
     fn : pytensor.compile.function.types.Function
+    to_numpy : bool, default False
+        Return NumPy arrays (a JAX function returns JAX arrays; on the CPU the
+        conversion shares their memory).
     """
 
-    def __init__(self, fn):
+    def __init__(self, fn, to_numpy: bool = False):
         self.fn = fn
         self.maker = fn.maker
+        self._to_numpy = to_numpy
         #: Per explicit input, the float dtype to cast to, or None (not a float
         #: input). Implicit inputs (shared variables) are not passed by the caller.
         dtypes = [
@@ -67,7 +214,77 @@ class CompiledFunction:
     def __call__(self, *args):
         if len(args) != len(self._dtypes):
             return self.fn(*args)  # PyTensor's own error names what is wrong
-        return self.fn(*(_cast(a, d) for a, d in zip(args, self._dtypes)))
+        outputs = self.fn(*(_cast(a, d) for a, d in zip(args, self._dtypes)))
+        if self._to_numpy:
+            return [np.asarray(v) for v in outputs]
+        return outputs
+
+
+class JAXFunction(CompiledFunction):
+    """A function compiled with JAX for the shapes of its arguments.
+
+    JAX compiles for static shapes, and PyTensor's graphs compute some shapes from
+    their inputs' (a slice of ``theta_flat`` reshaped to a parameter's shape). The
+    function is therefore compiled at its first call, with each input's shape and the
+    data's (:func:`freeze_shapes`) made static, and again for arguments of new shapes
+    (as ``jax.jit`` itself retraces for them).
+
+    Parameters
+    ----------
+    inputs, outputs : sequence of Variable
+    kwargs : dict
+        For :func:`pytensor.function`, ``mode`` included.
+    """
+
+    def __init__(self, inputs, outputs, kwargs):
+        import pm_em.forward_backward_jax  # noqa: F401  (registers the HMM Ops with JAX)
+
+        self._inputs = list(inputs)
+        self._outputs = freeze_shapes(outputs)
+        self._kwargs = kwargs
+        self._by_shapes = {}
+        self._last = None
+        self._to_numpy = True
+        self._dtypes = [
+            d if d.startswith("float") else None
+            for d in (getattr(v.type, "dtype", "") for v in self._inputs)
+        ]
+
+    def _compiled(self, shapes):
+        fn = self._by_shapes.get(shapes)
+        if fn is None:
+            outputs = self._outputs
+            if shapes is not None:
+                fixed = {
+                    v: pt.specify_shape(v, shape)
+                    for v, shape in zip(self._inputs, shapes)
+                    if isinstance(v.type, TensorType) and None in v.type.shape
+                }
+                if fixed:
+                    outputs = list(graph_replace(outputs, fixed, strict=False))
+            with _quiet_jax():
+                fn = pytensor.function(self._inputs, outputs, **self._kwargs)
+            self._by_shapes[shapes] = fn
+        self._last = fn
+        return fn
+
+    @property
+    def fn(self):
+        """The function last called (compiled without input shapes if none was)."""
+        return self._last if self._last is not None else self._compiled(None)
+
+    @property
+    def maker(self):
+        return self.fn.maker
+
+    def __call__(self, *args):
+        if len(args) != len(self._dtypes):
+            return self.fn(*args)  # PyTensor's own error names what is wrong
+        args = [_cast(a, d) for a, d in zip(args, self._dtypes)]
+        shapes = tuple(np.shape(a) for a in args)
+        with _quiet_jax():
+            outputs = self._compiled(shapes)(*args)
+        return [np.asarray(v) for v in outputs]
 
 
 def _cast(value, dtype: str | None):

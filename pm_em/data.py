@@ -109,7 +109,11 @@ class DataBinding:
         self._structure_values = [_value(v).copy() for v in self._structure]
 
     def _current_shapes(self) -> dict[str, tuple]:
-        return {name: _value(v).shape for name, v in self._user.items()}
+        # A mutable dim length is a shape: its value counts (JAX compiles it in).
+        return {
+            name: (int(_value(v)),) if name.startswith("dim ") else _value(v).shape
+            for name, v in self._user.items()
+        }
 
     def refresh(self) -> str | None:
         """Bring the user's current data into the routine's model; say what makes the

@@ -13,7 +13,7 @@ from scipy import optimize
 
 from pm_em.analysis import analyze_model
 from pm_em.chains import model_initial_point
-from pm_em.compile import compile_function
+from pm_em.compile import compile_function, resolve_backend
 from pm_em.data import DataBinding, recording_reads
 from pm_em.diagnostics import check_observed_data, explain_nonfinite_logp, model_or_context
 from pm_em.graphs import build_em_graphs
@@ -51,22 +51,24 @@ def _report_degenerate_structure(structure) -> None:
 _ROUTINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _routine_key(model, latent_vars, compile_kwargs) -> tuple:
+def _routine_key(model, latent_vars, compile_kwargs, backend) -> tuple:
     return (
         tuple(latent_vars) if latent_vars is not None else None,
         repr(sorted((compile_kwargs or {}).items())),
+        backend,
         tuple(model.named_vars),
     )
 
 
-def cached_routine(model, latent_vars=None, compile_kwargs=None) -> EM:
+def cached_routine(model, latent_vars=None, compile_kwargs=None, backend=None) -> EM:
     """The model's compiled EM routine: the one already built (by :class:`EM` or a
     previous fit) for these options, unless the data it was built for changed shape
     or structure (then a new one)."""
-    key = _routine_key(model, latent_vars, compile_kwargs)
+    backend = resolve_backend(backend, compile_kwargs)
+    key = _routine_key(model, latent_vars, compile_kwargs, backend)
     routine = _ROUTINES.get(model, {}).get(key)
     if routine is None or routine.data.refresh() is not None:
-        routine = EM(model, latent_vars=latent_vars, compile_kwargs=compile_kwargs)
+        routine = EM(model, latent_vars=latent_vars, compile_kwargs=compile_kwargs, backend=backend)
     return routine
 
 
@@ -186,6 +188,10 @@ class EM:
         Names of the latents to enumerate; by default every discrete free variable.
     compile_kwargs : dict, optional
         Passed to :func:`pytensor.function`.
+    backend : {"c", "jax"}, optional
+        What compiles the routine: ``"c"`` (the default: PyTensor's C backend, cached
+        on disk) or ``"jax"`` (JAX/XLA, seconds for a new model). ``PM_EM_BACKEND``
+        in the environment sets the default.
     closed_form : bool, default True
         Update in closed form every parameter whose pattern is recognized (see
         :attr:`closed_form_params`); False sends all to the numeric M-step (slower,
@@ -204,8 +210,18 @@ class EM:
     ...     point = em.m_step(point, em.e_step(point))
     """
 
-    def __init__(self, model=None, *, latent_vars=None, compile_kwargs=None, closed_form=True):
+    def __init__(
+        self,
+        model=None,
+        *,
+        latent_vars=None,
+        compile_kwargs=None,
+        backend=None,
+        closed_form=True,
+    ):
         user_latent_vars = latent_vars
+        #: The backend compiling every function of the routine (:mod:`pm_em.compile`).
+        self.backend = resolve_backend(backend, compile_kwargs)
         #: The model as given; ``model`` is the one EM runs on: the same, or a copy
         #: with the labels of observed mixture distributions written out.
         self.user_model = model_or_context(model)
@@ -256,6 +272,7 @@ class EM:
             graphs.values,
             [graphs.logp, *posterior_outputs, *marginals, *graphs.closed_step, *graphs.stats_step],
             compile_kwargs,
+            self.backend,
         )
         names = [p.name for p in self.params]
         self._closed_index = [names.index(p.name) for p in graphs.closed_params]
@@ -273,13 +290,18 @@ class EM:
             used = set(ancestors(outputs))
             self._objective_uses = [v in used for v in fixed]
             self._objective_fn = compile_function(
-                [graphs.theta_flat, *(v for v in fixed if v in used)], outputs, compile_kwargs
+                [graphs.theta_flat, *(v for v in fixed if v in used)],
+                outputs,
+                compile_kwargs,
+                self.backend,
             )
         self._closed_form_fn = None
         self._stats_fn = None
-        self._constrained_fn = compile_function(graphs.values, graphs.constrained, compile_kwargs)
+        self._constrained_fn = compile_function(
+            graphs.values, graphs.constrained, compile_kwargs, self.backend
+        )
         self._unconstrained_fn = compile_function(
-            graphs.constrained_inputs, graphs.unconstrained, compile_kwargs
+            graphs.constrained_inputs, graphs.unconstrained, compile_kwargs, self.backend
         )
         self._compile_kwargs = compile_kwargs
         self._result_fn = None
@@ -289,7 +311,7 @@ class EM:
         self.data = DataBinding(self.user_model, self.model, build_reads)
         if closed_form:
             _ROUTINES.setdefault(self.user_model, {})[
-                _routine_key(self.user_model, user_latent_vars, compile_kwargs)
+                _routine_key(self.user_model, user_latent_vars, compile_kwargs, self.backend)
             ] = self
 
     # -- conversions -----------------------------------------------------------------
@@ -442,6 +464,7 @@ class EM:
                 [*graphs.values, *graphs.responsibilities.flat],
                 [v for update in graphs.closed_form for v in update.new_values],
                 self._compile_kwargs,
+                self.backend,
             )
         return [np.asarray(v) for v in self._closed_form_fn(*values, *joint_tables)]
 
@@ -454,6 +477,7 @@ class EM:
                 [*graphs.values, *graphs.responsibilities.flat],
                 graphs.numeric.stats,
                 self._compile_kwargs,
+                self.backend,
             )
         return [np.asarray(v) for v in self._stats_fn(*values, *joint_tables)]
 
@@ -582,6 +606,7 @@ class EM:
                 self.graphs.values,
                 [g for _, path, predictive in chained for g in (path, predictive)],
                 self._compile_kwargs,
+                self.backend,
             )
         outputs = [np.asarray(v) for v in self._chain_fn(*values)]
         names = [name for name, _, _ in chained]
@@ -623,6 +648,7 @@ class EM:
                 + [g for d in direct_graphs for g in d.values()]
                 + [t for ts in tables for t in ts],
                 self._compile_kwargs,
+                self.backend,
             )
         direct, direct_names, n_tables = self._result_layout
         outputs = iter(self._result_fn(*values, *(labels[lat.name] for lat in self.latents)))

@@ -230,7 +230,7 @@ def _compile(em: EM) -> _Compiled:
         # but not twice: the Hessian comes from differences of the gradient instead.
         hessian = None
     if hessian is not None:
-        logp_fn = compile_function([theta], [logp, gradient, hessian], kwargs)
+        logp_fn = compile_function([theta], [logp, gradient, hessian], kwargs, em.backend)
         method = "autodiff"
 
         def logp_derivatives(values):
@@ -238,7 +238,7 @@ def _compile(em: EM) -> _Compiled:
             return float(value), np.asarray(grad), np.asarray(hess)
 
     else:
-        gradient_fn = compile_function([theta], [logp, gradient], kwargs)
+        gradient_fn = compile_function([theta], [logp, gradient], kwargs, em.backend)
         method = "finite differences"
 
         def logp_derivatives(values):
@@ -256,7 +256,7 @@ def _compile(em: EM) -> _Compiled:
             pytensor.grad(flat_log_jacobian, theta),
             pytensor.gradient.hessian(flat_log_jacobian, theta),
         ]
-    transform_fn = compile_function([theta], outputs, kwargs)
+    transform_fn = compile_function([theta], outputs, kwargs, em.backend)
 
     def constrained_jacobian(values):
         vector, jac, *_ = transform_fn(values)
@@ -560,7 +560,7 @@ def _draws_function(em: EM, compiled: _Compiled):
         )
         offset += p.value_size
     try:
-        fn = compile_function([batch], vectorize_graph(outputs, replace), kwargs)
+        fn = compile_function([batch], vectorize_graph(outputs, replace), kwargs, em.backend)
 
         def draws_fn(thetas):
             return [np.asarray(v) for v in fn(thetas)]
@@ -568,7 +568,7 @@ def _draws_function(em: EM, compiled: _Compiled):
     except (NotImplementedError, TypeError, ValueError):
         # An op without a vectorized form: one draw at a time.
         theta, flat_outputs = flatten_params(em.params, outputs)
-        single = compile_function([theta], flat_outputs, kwargs)
+        single = compile_function([theta], flat_outputs, kwargs, em.backend)
 
         def draws_fn(thetas):
             per_draw = [single(t) for t in thetas]
@@ -706,11 +706,12 @@ def laplace_idata(
         return az.InferenceData(**groups)
 
 
-def _routine_for(model, source: xr.Dataset) -> EM:
-    """The model's EM routine for the latents that ``source`` reports (``lp_<name>``)."""
+def _routine_for(model, source: xr.Dataset, backend=None) -> EM:
+    """The model's EM routine for the latents that ``source`` reports (``lp_<name>``),
+    compiled with ``backend`` (the fit's, when it recorded one)."""
     discrete = [rv.name for rv in model.free_RVs if rv.type.dtype.startswith(("int", "uint"))]
     latents = [name for name in discrete if f"lp_{name}" in source]
-    return cached_routine(model, None if latents == discrete else latents)
+    return cached_routine(model, None if latents == discrete else latents, backend=backend)
 
 
 def fit_laplace(
@@ -794,5 +795,7 @@ def fit_laplace(
     """
     model = pm.modelcontext(model)
     _check_options(draws, jacobian)
-    em = _routine_for(model, _map_source(idata))
+    # The fit's backend (recorded in em_stats), so that its routine is reused.
+    backend = idata.em_stats.attrs.get("backend") if "em_stats" in idata.groups() else None
+    em = _routine_for(model, _map_source(idata), backend)
     return laplace_idata(em, idata, draws=draws, random_seed=random_seed, jacobian=jacobian)

@@ -22,7 +22,36 @@ from pm_em.forward_backward import (
 )
 
 PY_MODE = Mode(linker="py", optimizer="fast_compile")
-MODES = {"c": None, "py": PY_MODE}  # None: PyTensor's default mode (C thunks)
+# None: PyTensor's default mode (C thunks). "jax": the JAX implementations (lax.scan);
+# "jax-parallel": the parallel-in-time forward-backward (associative_scan), forced on.
+MODES = {"c": None, "py": PY_MODE, "jax": "JAX", "jax-parallel": "JAX"}
+
+
+def _compiled(request, inputs, outputs):
+    """``outputs`` compiled in the fixture's mode, returning NumPy arrays; skipped
+    when this machine cannot compile that mode. For ``jax-parallel`` the JAX
+    forward-backward is forced to its parallel form while a call runs (JAX traces a
+    function at its first call for each input shape)."""
+    if request.param == "c" and not pytensor.config.cxx:
+        pytest.skip("no C compiler configured")
+    if request.param.startswith("jax"):
+        jax_impl = pytest.importorskip("pm_em.forward_backward_jax")
+    fn = pytensor.function(inputs, outputs, mode=MODES[request.param])
+
+    def call(*args):
+        if request.param != "jax-parallel":
+            return [np.asarray(v) for v in fn(*args)]
+        saved = jax_impl._use_parallel
+        jax_impl._use_parallel = lambda n_steps: True
+        try:
+            return [np.asarray(v) for v in fn(*args)]
+        finally:
+            jax_impl._use_parallel = saved
+
+    call.fn = fn
+    return call
+
+
 OUTPUT_NAMES = (
     "log_gamma",
     "transition_counts",
@@ -122,14 +151,12 @@ def random_chains(rng, B=2, T=5, K=3):
 @pytest.fixture(scope="module", params=list(MODES))
 def hmm(request):
     """``run(log_emission, log_transition, log_initial) -> dict`` of all six outputs,
-    compiled with the C implementation (``"c"``) or the NumPy fallback (``"py"``)."""
-    if request.param == "c" and not pytensor.config.cxx:
-        pytest.skip("no C compiler configured")
+    compiled with the C implementation (``"c"``), the NumPy fallback (``"py"``) or JAX."""
     le, lt, li = pt.tensor3("le"), pt.tensor3("lt"), pt.matrix("li")
     outputs = [*forward_backward(le, lt, li), forward_filter(le, lt, li), *viterbi(le, lt, li)]
-    fn = pytensor.function([le, lt, li], outputs, mode=MODES[request.param])
+    fn = _compiled(request, [le, lt, li], outputs)
     if request.param == "c":
-        assert all(hasattr(thunk, "cthunk") for thunk in fn.vm.thunks)
+        assert all(hasattr(thunk, "cthunk") for thunk in fn.fn.vm.thunks)
 
     def run(log_emission, log_transition, log_initial):
         return dict(zip(OUTPUT_NAMES, fn(log_emission, log_transition, log_initial)))
@@ -142,14 +169,10 @@ def hmm(request):
 def loglik_grad(request):
     """``run(weights, le, lt, li) -> (loglik, d/dle, d/dlt, d/dli)`` of
     ``sum(weights * log_likelihood)``."""
-    if request.param == "c" and not pytensor.config.cxx:
-        pytest.skip("no C compiler configured")
     weights, le, lt, li = pt.vector("w"), pt.tensor3("le"), pt.tensor3("lt"), pt.matrix("li")
     _, _, log_likelihood = forward_backward(le, lt, li)
     grads = pytensor.grad((weights * log_likelihood).sum(), [le, lt, li])
-    return pytensor.function(
-        [weights, le, lt, li], [log_likelihood, *grads], mode=MODES[request.param]
-    )
+    return _compiled(request, [weights, le, lt, li], [log_likelihood, *grads])
 
 
 # ---------------------------------------------------------------------------------------

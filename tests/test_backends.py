@@ -1,0 +1,231 @@
+"""The backends: the option, and one fit per family on the backend the suite does not
+run by default (the suite runs on ``pm_em.compile.default_backend()``, which
+``PM_EM_BACKEND`` sets). Each fit is checked against an independent reference:
+scikit-learn, NumPy Baum–Welch, the conjugate formula, the float64 mode.
+"""
+
+import numpy as np
+import pymc as pm
+import pytensor
+import pytest
+from loading import load_example, load_reference
+
+import pm_em
+from pm_em.compile import default_backend, resolve_backend
+from pm_em.em import cached_routine
+
+DEFAULT = default_backend()
+#: The backend this suite does not run by default: every family gets a fit on it.
+OTHER = "c" if DEFAULT == "jax" else "jax"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def other_backend_available():
+    if OTHER == "jax":
+        pytest.importorskip("jax")
+    if OTHER == "c" and not pytensor.config.cxx:
+        pytest.skip("no C compiler configured")
+
+
+def _function_modes(em):
+    """The linker of every function the routine compiled so far."""
+    fns = [em._e_step_fn, em._constrained_fn, em._unconstrained_fn, em._objective_fn]
+    fns += [em._closed_form_fn, em._stats_fn, em._chain_fn, em._result_fn]
+    return {type(fn.maker.linker).__name__ for fn in fns if fn is not None}
+
+
+def test_mixture_matches_sklearn():
+    example = load_example("gaussian_mixture")
+    x = example.simulate_data(n=300)
+    start = example.initial_values(x)
+    model = example.build_model(x)
+    idata = pm_em.find_MAP(
+        model, initvals=start, tol=1e-12, backend=OTHER, progressbar=False, random_seed=1
+    )
+    assert idata.em_stats.attrs["backend"] == OTHER
+    em = cached_routine(model, backend=OTHER)
+    assert _function_modes(em) == ({"JAXLinker"} if OTHER == "jax" else {"VMLinker"})
+    gm = example.fit_sklearn(x, start)
+    post = idata.posterior.squeeze(("chain", "draw"))
+    np.testing.assert_allclose(post["w"], gm.weights_, atol=1e-6)
+    np.testing.assert_allclose(post["mu"], gm.means_[:, 0], atol=1e-6)
+    np.testing.assert_allclose(post["sigma"], np.sqrt(gm.covariances_[:, 0, 0]), atol=1e-6)
+    assert float(idata.log_likelihood["x"].sum()) == pytest.approx(gm.score(x[:, None]) * 300)
+
+
+def test_mvnormal_mixture_matches_sklearn():
+    """The observation count is a shape here: JAX needs it static (freeze_shapes)."""
+    example = load_example("multivariate_mixture")
+    X = example.simulate_data(n=240)
+    start, cov = example.kmeans_start(X)
+    idata = pm_em.find_MAP(
+        example.build_model(X),
+        initvals=start,
+        tol=1e-12,
+        backend=OTHER,
+        progressbar=False,
+        random_seed=6,
+    )
+    gm = example.fit_sklearn(X, start, cov)
+    post = idata.posterior.squeeze(("chain", "draw"))
+    np.testing.assert_allclose(post["w"], gm.weights_, atol=1e-5)
+    np.testing.assert_allclose(post["mu"], gm.means_, atol=1e-5)
+    np.testing.assert_allclose(post["cov"], gm.covariances_, atol=1e-5)
+
+
+def test_hmm_matches_baum_welch():
+    pytest.importorskip("pymc_extras")
+    example = load_example("hmm")
+    reference = load_reference("reference_hmm")
+    y, _ = example.simulate_data(n_steps=200)
+    start = example.initial_values(y)
+    idata = pm_em.find_MAP(
+        example.build_model(y),
+        initvals=start,
+        tol=1e-12,
+        backend=OTHER,
+        progressbar=False,
+        random_seed=1,
+    )
+    # Flat priors: Dirichlet(1) on P and pi, flat mu and sigma: Baum-Welch's MLE.
+    expected = reference.baum_welch(y, start, emission="gaussian", tol=1e-12)
+    post = idata.posterior.squeeze(("chain", "draw"))
+    # The mode has transitions at 0, where both approach it slowly: the likelihood
+    # agrees tightly, the parameters to the distance both still have to go.
+    loglik = float(idata.log_likelihood["y"].sum())
+    assert loglik == pytest.approx(expected.loglik_trace[-1], rel=1e-9)
+    for name in ("P", "pi", "mu", "sigma"):
+        np.testing.assert_allclose(post[name], expected.estimates[name], atol=1e-4, err_msg=name)
+    path = reference.viterbi_paths(y, expected.estimates, "gaussian")[0]
+    np.testing.assert_array_equal(post["s"], path)
+
+
+def test_implicit_mixture_matches_sklearn():
+    example = load_example("gaussian_mixture")
+    x = example.simulate_data(n=300, seed=5)
+    start = example.initial_values(x)
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        mu = pm.Flat("mu", shape=2)
+        sigma = pm.HalfFlat("sigma", shape=2)
+        pm.NormalMixture("x", w=w, mu=mu, sigma=sigma, observed=x)
+    idata = pm_em.find_MAP(
+        model, initvals=start, tol=1e-12, backend=OTHER, progressbar=False, random_seed=1
+    )
+    gm = example.fit_sklearn(x, start)
+    post = idata.posterior.squeeze(("chain", "draw"))
+    np.testing.assert_allclose(post["w"], gm.weights_, atol=1e-6)
+    np.testing.assert_allclose(post["mu"], gm.means_[:, 0], atol=1e-6)
+    np.testing.assert_allclose(post["sigma"], np.sqrt(gm.covariances_[:, 0, 0]), atol=1e-6)
+
+
+def test_laplace_conjugate_mean_is_exact():
+    """mu ~ Normal(m0, s0), x ~ Normal(mu, 1): the posterior of mu is Gaussian, so the
+    Laplace approximation is exact."""
+    m0, s0 = 1.0, 2.0
+    rng = np.random.default_rng(9)
+    x = rng.normal(0.5, 1.0, 20)
+    y = rng.normal(3.0 * (rng.random(25) < 0.3), 1.0)
+    with pm.Model() as model:
+        mu = pm.Normal("mu", m0, s0)
+        pm.Normal("x", mu, 1.0, observed=x)
+        p = pm.Beta("p", 2.0, 2.0)
+        z = pm.Bernoulli("z", p=p, shape=len(y))
+        pm.Normal("y", 3.0 * z, 1.0, observed=y)
+    idata = pm_em.find_MAP(model, laplace=True, backend=OTHER, progressbar=False, random_seed=1)
+    precision = 1 / s0**2 + len(x)
+    mean = (m0 / s0**2 + x.sum()) / precision
+    np.testing.assert_allclose(idata.fit["mean_vector"].sel(rows="mu"), mean, rtol=1e-8)
+    np.testing.assert_allclose(idata.fit["mu_se"], np.sqrt(1 / precision), rtol=1e-8)
+    # fit_laplace on the result reuses the fit's routine (its backend is recorded).
+    assert cached_routine(model, backend=OTHER) is pm_em.laplace._routine_for(
+        model, idata.map, OTHER
+    )
+
+
+def test_float32_matches_the_float64_mode():
+    rng = np.random.default_rng(11)
+    x = np.concatenate([rng.normal(-2.0, 1.0, 100), rng.normal(3.0, 1.0, 100)])
+    start = {"w": np.array([0.5, 0.5]), "mu": np.array([-1.0, 1.0]), "sigma": np.ones(2)}
+
+    def fit(floatx, **kwargs):
+        with pytensor.config.change_flags(floatX=floatx):
+            with pm.Model() as model:
+                w = pm.Dirichlet("w", np.ones(2))
+                mu = pm.Normal("mu", 0.0, 10.0, shape=2)
+                sigma = pm.HalfNormal("sigma", 5.0, shape=2)
+                z = pm.Categorical("z", w, shape=len(x))
+                pm.Normal("x", mu[z], sigma[z], observed=x)
+            return pm_em.find_MAP(model, initvals=start, progressbar=False, **kwargs)
+
+    fit32 = fit("float32", backend=OTHER)
+    reference = fit("float64", tol=1e-12)  # default backend
+    assert bool(fit32.em_stats.converged)
+    for name in ("w", "mu", "sigma"):
+        assert fit32.posterior[name].dtype == np.float32
+        np.testing.assert_allclose(
+            fit32.posterior[name], reference.posterior[name], rtol=1e-4, atol=1e-5
+        )
+
+
+# -- the option ---------------------------------------------------------------------------
+
+
+def test_backend_option_is_checked():
+    with pytest.raises(ValueError, match=r"backend must be one of \['c', 'jax'\], got 'cuda'"):
+        resolve_backend("cuda")
+    with pytest.raises(ValueError, match="contradicts compile_kwargs"):
+        resolve_backend("c", {"mode": "JAX"})
+    assert resolve_backend(None, {"mode": "JAX"}) == "jax"
+    assert resolve_backend(None, {"mode": "FAST_RUN"}) == "c"
+
+
+def test_environment_sets_the_default(monkeypatch):
+    monkeypatch.setenv("PM_EM_BACKEND", "c")
+    assert default_backend() == "c"
+    monkeypatch.setenv("PM_EM_BACKEND", "numpy")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        default_backend()
+
+
+def test_same_shape_data_reuses_the_compiled_routine_on_both_backends():
+    """pm.set_data of the same shape: the routine (and its compiled functions, JAX's
+    with the data shapes frozen) is reused, and fits the new values exactly as a
+    model built on them; a new dim length rebuilds it."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(-2.0, 1.0, 20), rng.normal(2.0, 1.0, 20)])
+    other = x[::-1] + 0.5
+
+    def build(data):
+        with pm.Model(coords={"obs": np.arange(len(data))}) as model:
+            observed = pm.Data("data", data, dims="obs")
+            w = pm.Dirichlet("w", np.ones(2))
+            mu = pm.Normal("mu", 0.0, 10.0, shape=2)
+            z = pm.Categorical("z", w, dims="obs")
+            pm.Normal("x", mu[z], 1.0, observed=observed, dims="obs")
+        return model
+
+    options = {
+        "initvals": {"mu": np.array([-1.0, 1.0])},
+        "progressbar": False,
+        "tol": 1e-12,
+        "random_seed": 3,
+    }
+    for backend in (DEFAULT, OTHER):
+        model = build(x)
+        pm_em.find_MAP(model, backend=backend, **options)
+        routine = cached_routine(model, backend=backend)
+        with model:
+            pm.set_data({"data": other})
+        idata = pm_em.find_MAP(model, backend=backend, **options)
+        assert cached_routine(model, backend=backend) is routine
+        expected = pm_em.find_MAP(build(other), backend=backend, **options)
+        for name in ("w", "mu"):
+            np.testing.assert_allclose(
+                idata.posterior[name], expected.posterior[name], rtol=1e-10, err_msg=backend
+            )
+        with model:
+            pm.set_data({"data": other[:30]}, coords={"obs": np.arange(30)})
+        idata = pm_em.find_MAP(model, backend=backend, **options)
+        assert cached_routine(model, backend=backend) is not routine
+        assert idata.posterior["lp_z"].shape == (1, 1, 30, 2)
