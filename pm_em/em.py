@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from pytensor.graph.traversal import ancestors
-from scipy import optimize
 
 from pm_em.analysis import analyze_model
 from pm_em.chains import model_initial_point
@@ -21,6 +20,7 @@ from pm_em.implicit import explicit_model
 from pm_em.loop import EMHistory, EMState, run_em
 from pm_em.mstep import join_flat, split_flat
 from pm_em.pointwise import direct_pointwise, pointwise_graphs, pointwise_loglik
+from pm_em.support import minimize_within_support, outside_support_as_inf
 
 __all__ = ["EM", "FitResult", "LogResponsibilities", "cached_routine"]
 
@@ -83,7 +83,8 @@ def _polish(negative, theta: np.ndarray, n_steps: int = 3) -> np.ndarray:
     Q's value). The gradient stays accurate there: a few Newton steps with a
     finite-difference Hessian of the gradient make the M-step exact, which EM's
     convergence (and agreement with closed-form references) needs. A step is kept
-    only if it shrinks the gradient.
+    only if it shrinks the gradient; ``negative`` returns a NaN gradient outside the
+    support (:func:`~pm_em.support.outside_support_as_inf`), which is never kept.
     """
     _, grad = negative(theta)
     for _ in range(n_steps):
@@ -96,6 +97,8 @@ def _polish(negative, theta: np.ndarray, n_steps: int = 3) -> np.ndarray:
             shift[i] = h
             hessian[:, i] = (negative(theta + shift)[1] - negative(theta - shift)[1]) / (2 * h)
         hessian = 0.5 * (hessian + hessian.T)
+        if not np.all(np.isfinite(hessian)):
+            break  # a difference step left the support: leave L-BFGS's answer
         try:
             np.linalg.cholesky(hessian)
         except np.linalg.LinAlgError:
@@ -487,14 +490,15 @@ class EM:
             q, grad = self._objective(theta, closed, log_resp.joint, stats)
             return -scale * float(q), -scale * np.asarray(grad)
 
+        # A trial point outside the support (a covariance no longer numerically
+        # positive definite) is a point of zero density: +inf, stepped back from.
+        negative = outside_support_as_inf(negative)
         q_start, _ = negative(start)
-        result = optimize.minimize(
-            negative, start, jac=True, method="L-BFGS-B", options=_MSTEP_OPTIONS
-        )
+        theta, q_end = minimize_within_support(negative, start, _MSTEP_OPTIONS)
         # A generalized EM step only needs Q not to decrease; never accept worse.
-        if not np.isfinite(result.fun) or result.fun > q_start:
+        if not np.isfinite(q_end) or q_end > q_start:
             return new
-        solved = split_flat(numeric, _polish(negative, result.x))
+        solved = split_flat(numeric, _polish(negative, theta))
         for p, i in zip(numeric, self._numeric_index):
             new[i] = solved[p.value.name]
         return new
