@@ -27,9 +27,10 @@ __all__ = ["EM", "FitResult", "LogResponsibilities", "cached_routine"]
 _log = logging.getLogger("pm_em")
 
 
-def _report_degenerate_structure(structure) -> None:
-    """Say once (INFO) when EM has nothing to enumerate, or a latent nothing to learn
-    from: both are valid models, just not what one usually means."""
+def _report_degenerate_structure(structure, unused_params=()) -> None:
+    """Say once (INFO) when EM has nothing to enumerate, a latent nothing to learn
+    from, or a parameter nothing to be estimated from: valid models, just not what
+    one usually means."""
     if not structure.latents:
         _log.info(
             "The model has no discrete latent: EM reduces to maximizing its log-posterior "
@@ -43,6 +44,13 @@ def _report_degenerate_structure(structure) -> None:
                 "posterior is its prior.",
                 latent.name,
             )
+    for param in unused_params:
+        _log.info(
+            "Parameter '%s' enters no term of the log-posterior (a Flat prior, and "
+            "nothing observed depends on it): it has no mode, every value is as good, so "
+            "its MAP is undefined. EM leaves it at its start value.",
+            param.name,
+        )
 
 
 # Compiled routines per model, shared by every EM object and find_MAP call, so that
@@ -226,7 +234,7 @@ class EM:
             self.graphs = graphs = build_em_graphs(self.structure, closed_form=closed_form)
         self.params = self.structure.params
         self.latents = self.structure.latents
-        _report_degenerate_structure(self.structure)
+        _report_degenerate_structure(self.structure, graphs.unused_params)
 
         # In the order of the M-step's responsibility inputs (ResponsibilityInputs.flat).
         posterior_outputs = []
