@@ -190,7 +190,9 @@ def _faithful_like(scale):
 def test_lkj_mixture_with_waiting_times_in_seconds_never_crashes():
     """Waiting times in seconds (variance ~1e5 beside ~0.1): every jittered start
     used to end in 'posdef covariance'. The fit's log-posterior never decreases and
-    is the pm.Mixture model's at its point."""
+    is the pm.Mixture model's at its point. (Both starts end with one component
+    collapsing onto a near-singular covariance, where the log-posterior is
+    unbounded; pm_em does not yet flag that as degenerate for an LKJ factor.)"""
     x = _faithful_like(60.0)
     model = _lkj_mixture(x, 2, labelled=True)
     em = pm_em.EM(model)
