@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from pytensor.graph.traversal import ancestors
-from scipy import optimize
 
 from pm_em.analysis import analyze_model
 from pm_em.chains import model_initial_point
@@ -21,15 +20,17 @@ from pm_em.implicit import explicit_model
 from pm_em.loop import EMHistory, EMState, run_em
 from pm_em.mstep import join_flat, split_flat
 from pm_em.pointwise import direct_pointwise, pointwise_graphs, pointwise_loglik
+from pm_em.support import minimize_within_support, outside_support_as_inf
 
 __all__ = ["EM", "FitResult", "LogResponsibilities", "cached_routine"]
 
 _log = logging.getLogger("pm_em")
 
 
-def _report_degenerate_structure(structure) -> None:
-    """Say once (INFO) when EM has nothing to enumerate, or a latent nothing to learn
-    from: both are valid models, just not what one usually means."""
+def _report_degenerate_structure(structure, unused_params=()) -> None:
+    """Say once (INFO) when EM has nothing to enumerate, a latent nothing to learn
+    from, or a parameter nothing to be estimated from: valid models, just not what
+    one usually means."""
     if not structure.latents:
         _log.info(
             "The model has no discrete latent: EM reduces to maximizing its log-posterior "
@@ -43,6 +44,13 @@ def _report_degenerate_structure(structure) -> None:
                 "posterior is its prior.",
                 latent.name,
             )
+    for param in unused_params:
+        _log.info(
+            "Parameter '%s' enters no term of the log-posterior (a Flat prior, and "
+            "nothing observed depends on it): it has no mode, every value is as good, so "
+            "its MAP is undefined. EM leaves it at its start value.",
+            param.name,
+        )
 
 
 # Compiled routines per model, shared by every EM object and find_MAP call, so that
@@ -85,7 +93,8 @@ def _polish(negative, theta: np.ndarray, n_steps: int = 3) -> np.ndarray:
     Q's value). The gradient stays accurate there: a few Newton steps with a
     finite-difference Hessian of the gradient make the M-step exact, which EM's
     convergence (and agreement with closed-form references) needs. A step is kept
-    only if it shrinks the gradient.
+    only if it shrinks the gradient; ``negative`` returns a NaN gradient outside the
+    support (:func:`~pm_em.support.outside_support_as_inf`), which is never kept.
     """
     _, grad = negative(theta)
     for _ in range(n_steps):
@@ -98,6 +107,8 @@ def _polish(negative, theta: np.ndarray, n_steps: int = 3) -> np.ndarray:
             shift[i] = h
             hessian[:, i] = (negative(theta + shift)[1] - negative(theta - shift)[1]) / (2 * h)
         hessian = 0.5 * (hessian + hessian.T)
+        if not np.all(np.isfinite(hessian)):
+            break  # a difference step left the support: leave L-BFGS's answer
         try:
             np.linalg.cholesky(hessian)
         except np.linalg.LinAlgError:
@@ -239,7 +250,7 @@ class EM:
             self.graphs = graphs = build_em_graphs(self.structure, closed_form=closed_form)
         self.params = self.structure.params
         self.latents = self.structure.latents
-        _report_degenerate_structure(self.structure)
+        _report_degenerate_structure(self.structure, graphs.unused_params)
 
         # In the order of the M-step's responsibility inputs (ResponsibilityInputs.flat).
         posterior_outputs = []
@@ -511,14 +522,15 @@ class EM:
             q, grad = self._objective(theta, closed, log_resp.joint, stats)
             return -scale * float(q), -scale * np.asarray(grad)
 
+        # A trial point outside the support (a covariance no longer numerically
+        # positive definite) is a point of zero density: +inf, stepped back from.
+        negative = outside_support_as_inf(negative)
         q_start, _ = negative(start)
-        result = optimize.minimize(
-            negative, start, jac=True, method="L-BFGS-B", options=_MSTEP_OPTIONS
-        )
+        theta, q_end = minimize_within_support(negative, start, _MSTEP_OPTIONS)
         # A generalized EM step only needs Q not to decrease; never accept worse.
-        if not np.isfinite(result.fun) or result.fun > q_start:
+        if not np.isfinite(q_end) or q_end > q_start:
             return new
-        solved = split_flat(numeric, _polish(negative, result.x))
+        solved = split_flat(numeric, _polish(negative, theta))
         for p, i in zip(numeric, self._numeric_index):
             new[i] = solved[p.value.name]
         return new

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytensor
 import pytensor.tensor as pt
+from pytensor.gradient import DisconnectedType
 from pytensor.graph.basic import Variable
 from pytensor.graph.replace import graph_replace
 
@@ -26,7 +27,7 @@ from pm_em.enumeration import (
 from pm_em.expected_stats import NumericObjective, build_numeric_objective
 from pm_em.mstep import ResponsibilityInputs, flatten_params
 
-__all__ = ["EMGraphs", "build_em_graphs"]
+__all__ = ["EMGraphs", "build_em_graphs", "params_without_terms"]
 
 
 @dataclass
@@ -47,7 +48,11 @@ class EMGraphs:
         The closed-form blocks of the M-step, in ECM order; their new values are
         graphs of ``values`` and the responsibility inputs.
     closed_params, numeric_params : list of ParamSpec
-        The parameters updated in closed form, and the rest.
+        The parameters updated in closed form, and the rest (but the unused ones).
+    unused_params : list of ParamSpec
+        Parameters the log-posterior does not depend on (a ``Flat`` prior and no
+        dependents): no value is better than another, so EM leaves them where they
+        start.
     closed_step : list of Variable
         The closed-form new values as graphs of ``values`` alone (E-step fused in).
     numeric : NumericObjective
@@ -85,6 +90,7 @@ class EMGraphs:
     closed_form: list[ClosedFormUpdate]
     closed_params: list[ParamSpec]
     numeric_params: list[ParamSpec]
+    unused_params: list[ParamSpec]
     closed_step: list[Variable]
     numeric: NumericObjective
     stats_step: list[Variable]
@@ -97,6 +103,22 @@ class EMGraphs:
     deterministics: list[Variable]
     chain_paths: list[Variable | None]
     chain_predictive: list[Variable | None]
+
+
+def params_without_terms(structure: ModelStructure) -> list[ParamSpec]:
+    """The parameters on which no log-probability term depends (PyTensor finds no
+    gradient path): a ``Flat`` prior (whose log-density is 0 whatever the value) on a
+    variable nothing else uses, or that only a Deterministic uses."""
+    if not structure.params:
+        return []
+    total = sum((pt.sum(t.logp) for t in structure.terms), pt.constant(0.0))
+    grads = pytensor.grad(
+        total,
+        [p.value for p in structure.params],
+        disconnected_inputs="ignore",
+        return_disconnected="disconnected",
+    )
+    return [p for p, g in zip(structure.params, grads) if isinstance(g.type, DisconnectedType)]
 
 
 def build_em_graphs(structure: ModelStructure, closed_form: bool = True) -> EMGraphs:
@@ -119,7 +141,9 @@ def build_em_graphs(structure: ModelStructure, closed_form: bool = True) -> EMGr
         closed_form = []
     closed_params = [p for update in closed_form for p in update.params]
     closed_names = {p.name for p in closed_params}
-    numeric_params = [p for p in structure.params if p.name not in closed_names]
+    unused_params = params_without_terms(structure)
+    unused_names = {p.name for p in unused_params}
+    numeric_params = [p for p in structure.params if p.name not in closed_names | unused_names]
     closed_new = [v for update in closed_form for v in update.new_values]
     # The fused step: the same updates with the E-step's own results substituted.
     fused = {}
@@ -168,6 +192,7 @@ def build_em_graphs(structure: ModelStructure, closed_form: bool = True) -> EMGr
         closed_form=closed_form,
         closed_params=closed_params,
         numeric_params=numeric_params,
+        unused_params=unused_params,
         closed_step=closed_step,
         numeric=numeric,
         stats_step=stats_step,

@@ -26,6 +26,7 @@ import pymc as pm
 import pytensor
 import pytensor.tensor as pt
 import xarray as xr
+from pymc.logprob.utils import ParameterValueError
 from pytensor.gradient import NullTypeGradError
 from pytensor.graph.replace import vectorize_graph
 from pytensor.graph.traversal import ancestors
@@ -406,7 +407,12 @@ def _newton(em, derivatives, theta, labels, method, what, start):
         slack = 1e-12 * max(1.0, abs(value))
         for _ in range(_NEWTON_MAX_HALVINGS):
             candidate = theta + direction
-            new_value, new_grad, new_hess = derivatives(candidate)
+            try:
+                new_value, new_grad, new_hess = derivatives(candidate)
+            except ParameterValueError:
+                # Outside the support (a covariance no longer numerically positive
+                # definite): a log-density of -inf, so the step is halved.
+                new_value = -np.inf
             if np.isfinite(new_value) and new_value >= value - slack:
                 break
             direction = 0.5 * direction

@@ -183,7 +183,9 @@ def run_em(
         raise ValueError(f"accelerate must be one of {ACCELERATIONS}, got {accelerate!r}.")
     # No local name for the first responsibilities: it would keep that n x K table
     # alive for the whole run, beside the current state's.
-    state = EMState(values, *em._e_step_values(values))
+    # A start the model refuses (e.g. a covariance not numerically positive definite)
+    # is a non-finite start, explained by the caller, not a crash.
+    state = EMState(values, *safe_e_step(em, values))
     history = EMHistory(logp=[state.logp], n_e_steps=1)
     if not np.isfinite(state.logp):
         return state, history
