@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from pymc.distributions.transforms import CholeskyCovPacked
 from pymc.logprob.transforms import LogTransform
 
 __all__ = ["COLLAPSE_FACTOR", "Collapse", "find_collapse", "find_empty_components"]
@@ -61,9 +62,11 @@ def find_collapse(em, start_values, values, logp: float) -> Collapse | None:
     threshold = np.log(COLLAPSE_FACTOR)
     worst = None
     for param, start, value in zip(em.params, start_values, values):
-        if not isinstance(param.transform, LogTransform):
+        logs = _log_entries(param.transform, np.shape(value))
+        if logs is None:
             continue
         moved = np.abs(np.asarray(value, dtype=float) - np.asarray(start, dtype=float))
+        moved = np.where(logs, moved, 0.0)
         moved = np.where(np.isfinite(moved), moved, np.inf)
         if moved.size == 0:
             continue
@@ -76,6 +79,24 @@ def find_collapse(em, start_values, values, logp: float) -> Collapse | None:
     unbounded = np.isnan(logp) or np.isposinf(logp)
     if distance > threshold or unbounded:
         return Collapse(param.name, tuple(int(i) for i in index), float(value))
+    return None
+
+
+def _log_entries(transform, shape) -> np.ndarray | None:
+    """Which entries of a parameter's value are the log of a positive quantity that
+    can collapse: all of them under a log transform, the diagonal of each packed
+    Cholesky factor of an ``LKJCholeskyCov`` (a covariance shrinking onto a few
+    observations); None for other transforms."""
+    if isinstance(transform, LogTransform):
+        return np.ones(shape, dtype=bool)
+    if isinstance(transform, CholeskyCovPacked) and shape:
+        # The packed lower triangle of an n x n factor, row by row: n(n+1)/2 entries,
+        # the diagonal at 0, 2, 5, 9, ...
+        size = shape[-1]
+        n = int(round((np.sqrt(8 * size + 1) - 1) / 2))
+        diagonal = np.zeros(size, dtype=bool)
+        diagonal[np.cumsum(np.arange(1, n + 1)) - 1] = True
+        return np.broadcast_to(diagonal, shape)
     return None
 
 
