@@ -4,9 +4,9 @@
 Backends. ``"c"`` (the default) is PyTensor's default mode: C thunks, cached on
 disk, tens of seconds for a new model on an empty cache. ``"jax"`` traces each
 function with JAX and compiles it with XLA: seconds for a new model. ``PM_EM_BACKEND``
-in the environment overrides the default. JAX is not the default yet: a few
-closed-form MvNormal mean updates (a Normal or MvNormal prior on the means) differ
-from C by ~1e-7 relative under it (tests/test_closed_form_mvnormal.py).
+in the environment overrides the default. Under JAX, ``Alloc`` results are cast
+to their declared dtype (:mod:`pm_em.jax_dispatch`): PyTensor's dispatch leaves them
+weakly typed, and float32 constants then pulled float64 arithmetic down to float32.
 
 JAX compiles for static shapes only, so a JAX function sees the model's data
 through :func:`freeze_shapes`: every ``pm.Data`` container with its current shape
@@ -238,6 +238,7 @@ class JAXFunction(CompiledFunction):
 
     def __init__(self, inputs, outputs, kwargs):
         import pm_em.forward_backward_jax  # noqa: F401  (registers the HMM Ops with JAX)
+        import pm_em.jax_dispatch  # noqa: F401  (Alloc keeps its dtype under JAX)
 
         self._inputs = list(inputs)
         self._outputs = freeze_shapes(outputs)

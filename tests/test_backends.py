@@ -7,6 +7,7 @@ scikit-learn, NumPy Baum–Welch, the conjugate formula, the float64 mode.
 import numpy as np
 import pymc as pm
 import pytensor
+import pytensor.tensor as pt
 import pytest
 from loading import load_example, load_reference
 
@@ -178,6 +179,22 @@ def test_backend_option_is_checked():
         resolve_backend("c", {"mode": "JAX"})
     assert resolve_backend(None, {"mode": "JAX"}) == "jax"
     assert resolve_backend(None, {"mode": "FAST_RUN"}) == "c"
+
+
+def test_jax_keeps_float64_where_a_float32_literal_meets_zeros():
+    """PyTensor's JAX dispatch makes ``pt.zeros`` weakly typed, so a float32 literal
+    (``0.0``) pulled it down to float32 (pm_em.jax_dispatch): the GLS system of the
+    closed-form MvNormal mean was ~1e-7 off. Exact, and float64 as declared."""
+    pytest.importorskip("jax")
+    from pm_em.compile import compile_function
+
+    x = pt.vector("x", shape=(2,))
+    h = pt.inc_subtensor(pt.zeros(4)[[0, 3]], x)
+    y = pt.switch(h > 0, h, 0.0)
+    assert y.owner.inputs[2].dtype == "float32" and y.dtype == "float64"
+    (out,) = compile_function([x], [y], backend="jax")(np.array([1.0, 2.0]) / 3.0)
+    assert out.dtype == np.float64
+    np.testing.assert_array_equal(out, np.array([1.0, 0.0, 0.0, 2.0]) / 3.0)
 
 
 def test_environment_sets_the_default(monkeypatch):
