@@ -60,7 +60,7 @@ from pytensor.gradient import DisconnectedType, grad_not_implemented, grad_undef
 from pytensor.graph.basic import Apply, Variable
 from pytensor.link.c.op import COp
 
-__all__ = ["forward_backward", "forward_filter", "viterbi"]
+__all__ = ["check_chain_shapes", "forward_backward", "forward_filter", "viterbi"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -618,8 +618,9 @@ def _invalid_sequences(log_emission, log_transition, log_initial):
     return invalid, log_emission, log_transition, log_initial
 
 
-def _check_shapes(log_emission, log_transition, log_initial) -> None:
-    """The C code's shape checks, for the NumPy fallback."""
+def check_chain_shapes(log_emission, log_transition, log_initial) -> None:
+    """The C code's shape checks, for the NumPy fallback and the JAX implementations
+    (where shapes are static)."""
     B, T, K = log_emission.shape
     if log_transition.shape != (B, K, K) or log_initial.shape != (B, K):
         raise ValueError(
@@ -813,7 +814,7 @@ class ForwardBackward(_HiddenMarkovOp):
         return Apply(self, inputs, outputs)
 
     def perform(self, node, inputs, output_storage):
-        _check_shapes(*inputs)
+        check_chain_shapes(*inputs)
         for storage, value in zip(output_storage, _forward_backward_numpy(*inputs)):
             storage[0] = value
 
@@ -876,7 +877,7 @@ class ForwardFilter(_HiddenMarkovOp):
         return Apply(self, inputs, [pt.tensor(dtype="float64", shape=(B, T, K))])
 
     def perform(self, node, inputs, output_storage):
-        _check_shapes(*inputs)
+        check_chain_shapes(*inputs)
         output_storage[0][0] = _forward_filter_numpy(*inputs)
 
     def infer_shape(self, fgraph, node, input_shapes):
@@ -909,7 +910,7 @@ class Viterbi(_HiddenMarkovOp):
         return Apply(self, inputs, outputs)
 
     def perform(self, node, inputs, output_storage):
-        _check_shapes(*inputs)
+        check_chain_shapes(*inputs)
         for storage, value in zip(output_storage, _viterbi_numpy(*inputs)):
             storage[0] = value
 

@@ -33,7 +33,12 @@ import jax
 import jax.numpy as jnp
 from pytensor.link.jax.dispatch import jax_funcify
 
-from pm_em.forward_backward import ForwardBackward, ForwardFilter, Viterbi
+from pm_em.forward_backward import (
+    ForwardBackward,
+    ForwardFilter,
+    Viterbi,
+    check_chain_shapes,
+)
 
 __all__ = [
     "PARALLEL_MIN_STEPS",
@@ -71,17 +76,7 @@ def _normalize(x):
 def _checked(log_emission, log_transition, log_initial):
     """The C code's shape checks (static under JAX), the invalid-sequence mask ``(B,)``
     and the inputs with those sequences zeroed."""
-    B, T, K = log_emission.shape
-    if log_transition.shape != (B, K, K) or log_initial.shape != (B, K):
-        raise ValueError(
-            "hidden Markov chain shapes do not match: log_emission "
-            f"{log_emission.shape}, log_transition {log_transition.shape}, log_initial "
-            f"{log_initial.shape}; expected (B, T, K), (B, K, K), (B, K)"
-        )
-    if T < 1 or K < 1:
-        raise ValueError(
-            f"hidden Markov chains need at least one step and one state, got T = {T}, K = {K}"
-        )
+    check_chain_shapes(log_emission, log_transition, log_initial)
     invalid = (
         ~jnp.all(log_emission < jnp.inf, axis=(1, 2))
         | ~jnp.all(log_transition < jnp.inf, axis=(1, 2))
