@@ -163,7 +163,7 @@ def worker(key: str, n: int, seed: int, tol: float, max_iter: int) -> dict[str, 
     values = em.to_values(spec.start)
 
     def fit():
-        return run_em(em, values, tol=tol, max_iter=max_iter, warn=False)
+        return run_em(em.routine, values, tol=tol, max_iter=max_iter, warn=False)
 
     fit()  # warm: anything done once per routine is not the loop's
     (state, history), record["loop"] = measure(fit)

@@ -10,8 +10,8 @@ from pm_em.errors import (
     UnsupportedModelError,
 )
 from pm_em.laplace import NonPositiveCurvatureError, fit_laplace
-from pm_em.loop import EMIteration
 from pm_em.plots import plot_compare, plot_convergence
+from pm_em.state import EMIteration
 
 __all__ = [
     "EM",

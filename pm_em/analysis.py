@@ -22,11 +22,12 @@ from pytensor.graph.rewriting.utils import rewrite_graph
 from pytensor.graph.traversal import ancestors
 from pytensor.tensor.variable import TensorConstant
 
-from pm_em.chains import ChainSpec, chain_spec, is_markov_chain, model_initial_point
+from pm_em.chains import ChainSpec, chain_spec, is_markov_chain
 from pm_em.compile import evaluate_once
 from pm_em.data import recording_reads
 from pm_em.dependence import build_owner_graphs
 from pm_em.errors import UnsupportedModelError
+from pm_em.initial_point import model_initial_point
 from pm_em.latents import (
     InfiniteSupportError,
     LatentSpec,

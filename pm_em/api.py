@@ -19,9 +19,10 @@ from pm_em.diagnostics import (
 )
 from pm_em.em import EM, cached_routine
 from pm_em.errors import MultimodalWarning
+from pm_em.fit_result import fit_result
 from pm_em.inference_data import build_inference_data
 from pm_em.laplace import laplace_idata
-from pm_em.loop import ACCELERATIONS, EMIteration, logp_rounding, run_em
+from pm_em.loop import ACCELERATIONS, logp_rounding, run_starts
 from pm_em.progress import progress_reporter
 from pm_em.starts import resolve_init, start_points
 
@@ -291,32 +292,22 @@ def find_MAP(
         starts = [_apply_values(em, point, init, "init") for point in starts]
     starts = [_apply_values(em, point, initvals, "initvals") for point in starts]
     limits = threadpool_limits(limits=blas_cores) if blas_cores is not None else nullcontext()
-    states, histories = [], []
     with limits, progress_reporter(progressbar, max_iter, n_init) as progress:
-        for restart, point in enumerate(starts):
-            if progress is not None:
-                progress.start(restart)
-            state, history = run_em(
-                em,
-                em.to_values(point),
-                tol=tol,
-                max_iter=max_iter,
-                accelerate=accelerate,
-                progress=progress,
-                callback=_user_callback(em, callback, restart),
-            )
-            if progress is not None:
-                progress.finish(history.logp[-1])
-            states.append(state)
-            histories.append(history)
-            if history.stopped:
-                break
+        states, histories = run_starts(
+            em.routine,
+            [em.to_values(point) for point in starts],
+            tol=tol,
+            max_iter=max_iter,
+            accelerate=accelerate,
+            progress=progress,
+            callback=callback,
+        )
     best = _best_restart(histories)
     at_best, compared, spread = _mode_spread(em, histories, tol)
     _warn_spread(em, at_best, compared, spread, n_init)
     state = states[best]
     if not np.isfinite(state.logp):
-        raise ValueError(explain_nonfinite_logp(em, state.values, state.logp))
+        raise ValueError(explain_nonfinite_logp(em.routine, state.values, state.logp))
     stopped = histories[-1].stopped or ""
     if stopped == "interrupt":
         _log.warning(
@@ -324,7 +315,7 @@ def find_MAP(
             len(histories),
             n_init,
         )
-    result = em.finish(state, histories[best])
+    result = fit_result(em.routine, state, histories[best])
     result.restarts, result.best_restart = histories, best
     options = {
         "init": strategy,
@@ -377,19 +368,3 @@ def _select(idata: az.InferenceData, var_names) -> az.InferenceData:
             dataset = idata[group]
             idata[group] = dataset[[n for n in keep if n in dataset.data_vars]]
     return idata
-
-
-def _user_callback(em: EM, callback, restart: int):
-    """The loop's ``callback(iteration, state)`` calling the user's with an
-    :class:`EMIteration`; True (stop) when it returns True or raises StopIteration."""
-    if callback is None:
-        return None
-
-    def call(iteration, state) -> bool:
-        info = EMIteration(restart, iteration, float(state.logp), em.to_point(state.values))
-        try:
-            return bool(callback(info))
-        except StopIteration:
-            return True
-
-    return call

@@ -18,17 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytensor.tensor as pt
-from pymc.initial_point import make_initial_point_fn
 from pymc.logprob.basic import logp as rv_logp
-from pymc.model.core import Point
 from pytensor.graph.basic import Variable
 from pytensor.graph.replace import vectorize_graph
 
-from pm_em.compile import evaluate_once
 from pm_em.errors import UnsupportedModelError
 from pm_em.latents import LatentSpec, support_bounds
 
-__all__ = ["ChainSpec", "chain_spec", "is_markov_chain", "model_initial_point"]
+__all__ = ["ChainSpec", "chain_spec", "is_markov_chain"]
 
 try:  # pragma: no branch - which branch depends on the installation
     from pymc_extras.distributions.timeseries import DiscreteMarkovChainRV
@@ -43,29 +40,6 @@ def is_markov_chain(rv: Variable) -> bool:
         and rv.owner is not None
         and isinstance(rv.owner.op, DiscreteMarkovChainRV)
     )
-
-
-def model_initial_point(model, random_seed=None) -> dict[str, np.ndarray]:
-    """``model.initial_point(random_seed)``, except that a Markov chain without an
-    initial value of its own starts in state 0 throughout.
-
-    pymc-extras' default start for a chain (a greedy scan) fails to build for a
-    batch of sequences; EM needs no start for its latents anyway, only their shapes.
-    """
-    chains = [
-        rv
-        for rv in model.free_RVs
-        if is_markov_chain(rv) and model.rvs_to_initial_values.get(rv) is None
-    ]
-    if not chains:
-        return model.initial_point(random_seed=random_seed)
-    shapes = evaluate_once([], [rv.shape for rv in chains], [])
-    overrides = {
-        rv: np.zeros(tuple(int(n) for n in shape), dtype=rv.type.dtype)
-        for rv, shape in zip(chains, shapes)
-    }
-    initial_point_fn = make_initial_point_fn(model=model, overrides=overrides)
-    return Point(initial_point_fn(random_seed), model=model)
 
 
 if DiscreteMarkovChainRV is not None:

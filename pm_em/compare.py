@@ -36,9 +36,19 @@ from scipy.optimize import linear_sum_assignment
 from pm_em.chains import is_markov_chain
 from pm_em.criteria import CRITERIA
 from pm_em.implicit import explicit_model
+from pm_em.inference_data import em_point
 from pm_em.latents import is_discrete
 
-__all__ = ["SupportAxes", "compare", "compare_models", "em_point", "relabel", "support_axes"]
+__all__ = [
+    "SupportAxes",
+    "compare",
+    "compare_models",
+    "compared_names",
+    "context_model",
+    "reference_latents",
+    "relabel",
+    "support_axes",
+]
 
 SAMPLE_DIMS = ("chain", "draw")
 
@@ -89,7 +99,7 @@ class _Latent:
 # -- the latents and the variables they index ----------------------------------------
 
 
-def _reference_latents(reference: xr.Dataset) -> list[_Latent]:
+def reference_latents(reference: xr.Dataset) -> list[_Latent]:
     """Every latent of an EM result: a ``lp_<name>`` variable whose last dim is
     ``lp_<name>_dim`` (its support values as coordinates)."""
     latents = []
@@ -100,18 +110,6 @@ def _reference_latents(reference: xr.Dataset) -> list[_Latent]:
         labels = tuple(n for n in (name, f"{name}_component") if n in reference)
         latents.append(_Latent(name, np.asarray(reference[f"{var_name}_dim"].values), labels))
     return latents
-
-
-def em_point(idata: az.InferenceData) -> xr.Dataset:
-    """The EM estimate in an EM result: its ``posterior`` (chain = draw = 1), or the
-    ``map`` group of a Laplace fit (:func:`pm_em.laplace.fit_laplace`), whose
-    ``posterior`` holds draws from the approximation instead."""
-    groups = idata.groups()
-    if "map" in groups:
-        return idata.map
-    if "posterior" not in groups:
-        raise ValueError("idata has neither a 'posterior' nor a 'map' group: not an EM result.")
-    return idata.posterior
 
 
 def _core_shape(posterior: xr.Dataset, var_name: str) -> tuple[int, ...]:
@@ -255,7 +253,7 @@ def _dims_support_axes(
     return found
 
 
-def _context_model(model):
+def context_model(model):
     return model if model is not None else pm.Model.get_context(error_if_none=False)
 
 
@@ -282,8 +280,8 @@ def support_axes(
     dict
         Latent name (as in ``lp_<name>``) -> list of :class:`SupportAxes`.
     """
-    latents = _reference_latents(em_point(reference))
-    model = _context_model(model)
+    latents = reference_latents(em_point(reference))
+    model = context_model(model)
     if component_dims is None and model is not None:
         shapes = {n: _core_shape(posterior, n) for n in posterior.data_vars}
         return _graph_support_axes(model, latents, shapes)
@@ -513,8 +511,8 @@ def relabel(
     """
     posterior = mcmc_idata.posterior
     reference_posterior = em_point(reference)
-    latents = _reference_latents(reference_posterior)
-    model = _context_model(model)
+    latents = reference_latents(reference_posterior)
+    model = context_model(model)
     indexed = support_axes(reference, posterior, model, component_dims)
     updates: dict[str, np.ndarray] = {}
     current = posterior
@@ -552,7 +550,7 @@ def relabel(
 # -- comparison ----------------------------------------------------------------------
 
 
-def _compared_names(em_posterior, posterior, var_names, model, latents) -> list[str]:
+def compared_names(em_posterior, posterior, var_names, model, latents) -> list[str]:
     if var_names is not None:
         names = [var_names] if isinstance(var_names, str) else list(var_names)
         missing = [n for n in names if n not in em_posterior or n not in posterior]
@@ -652,13 +650,13 @@ def compare(
     """
     if not 0 < hdi_prob <= 1:
         raise ValueError(f"hdi_prob must be in (0, 1], got {hdi_prob!r}.")
-    model = _context_model(model)
+    model = context_model(model)
     if undo_label_switching:
         mcmc_idata = relabel(mcmc_idata, em_idata, model, component_dims=component_dims)
     posterior = mcmc_idata.posterior
     em_posterior = em_point(em_idata)
-    latents = _reference_latents(em_posterior)
-    names = _compared_names(em_posterior, posterior, var_names, model, latents)
+    latents = reference_latents(em_posterior)
+    names = compared_names(em_posterior, posterior, var_names, model, latents)
     if not names:
         raise ValueError("The EM result and the MCMC posterior have no parameter in common.")
 

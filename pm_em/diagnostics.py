@@ -226,7 +226,7 @@ def _pointwise(em, values) -> dict[str, np.ndarray] | str:
     """Pointwise log-likelihood per observed variable (latents summed out), or why it
     could not be computed."""
     try:
-        paths, predictive = em._chain_outputs(values)
+        paths, predictive = em.chain_outputs(values)
         labels = {}
         for lat in em.latents:
             if lat.name in paths:
@@ -236,7 +236,7 @@ def _pointwise(em, values) -> dict[str, np.ndarray] | str:
                 labels[lat.name] = np.full(lat.shape, lat.support[0], dtype=lat.value.type.dtype)
         # -inf tables give NaN pieces past the impossible observation; expected here.
         with np.errstate(invalid="ignore", divide="ignore"):
-            _, pointwise = em._result_outputs(values, labels, predictive)
+            _, pointwise = em.result_outputs(values, labels, predictive)
     except ParameterValueError as error:
         return f"a likelihood's parameters fail PyMC's checks ({error})."
     return pointwise

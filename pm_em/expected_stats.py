@@ -32,10 +32,10 @@ from pytensor.tensor.random.basic import NormalRV
 from pytensor.tensor.random.op import RandomVariable
 
 from pm_em.analysis import ModelStructure, ParamSpec, Term
-from pm_em.chains import model_initial_point
 from pm_em.closed_form.base import ClosedFormContext, TermEntries
 from pm_em.compile import evaluate_once
 from pm_em.enumeration import ComponentTables
+from pm_em.initial_point import model_initial_point
 from pm_em.mstep import ResponsibilityInputs, expectation
 
 __all__ = ["NumericObjective", "build_numeric_objective"]

@@ -16,7 +16,6 @@ same from an :class:`~pm_em.em.EM` object (what ``find_MAP(..., laplace=True)`` 
 from __future__ import annotations
 
 import itertools
-import warnings
 import weakref
 from dataclasses import dataclass, field
 
@@ -33,6 +32,7 @@ from pytensor.graph.traversal import ancestors
 
 from pm_em.compile import compile_function
 from pm_em.em import EM, cached_routine
+from pm_em.inference_data import LaplaceFit, em_point, with_laplace_groups
 from pm_em.mstep import flatten_params
 
 __all__ = [
@@ -45,7 +45,6 @@ __all__ = [
 ]
 
 #: Groups of the input that the Laplace fit replaces; every other group is kept.
-_REPLACED_GROUPS = ("posterior", "map", "fit")
 
 # An eigenvalue of -H at most this fraction of the largest is numerically zero: below
 # the rounding error of an autodiff Hessian, or the truncation and rounding error of a
@@ -214,7 +213,7 @@ def _compile(em: EM) -> _Compiled:
     compiled = _COMPILED.get(em)
     if compiled is not None:
         return compiled
-    kwargs = em._compile_kwargs
+    kwargs = em.compile_kwargs
     log_jacobian, jacobian_error = _log_jacobian_graph(em)
     constrained = em.graphs.constrained
     theta, flat_graphs = flatten_params(
@@ -556,7 +555,7 @@ def _draws_function(em: EM, compiled: _Compiled):
         return compiled.draws_fn
     deterministics = dict(zip((d.name for d in em.model.deterministics), em.graphs.deterministics))
     outputs = [*em.graphs.constrained, *(deterministics[n] for n in compiled.deterministic_names)]
-    kwargs = em._compile_kwargs
+    kwargs = em.compile_kwargs
     batch = pt.matrix("theta_draws", dtype="float64")
     replace, offset = {}, 0
     for p in em.params:
@@ -592,61 +591,6 @@ def _sample(em, compiled, approx: LaplaceApproximation, draws, random_seed):
     values = _draws_function(em, compiled)(thetas)
     names = [p.name for p in em.params] + compiled.deterministic_names
     return dict(zip(names, values))
-
-
-# -- InferenceData ---------------------------------------------------------------------------
-
-
-def _model_coords(model) -> dict:
-    return {name: np.asarray(v) for name, v in model.coords.items() if v is not None}
-
-
-def _model_dims(model, name, ndim) -> list[str]:
-    dims = model.named_vars_to_dims.get(name)
-    return list(dims) if dims is not None else [f"{name}_dim_{i}" for i in range(ndim)]
-
-
-def _posterior_group(em, samples) -> xr.Dataset:
-    model = em.model
-    data = {name: v[None] for name, v in samples.items()}
-    dims = {name: _model_dims(model, name, v.ndim - 1) for name, v in samples.items()}
-    return az.dict_to_dataset(data, library=pm, coords=_model_coords(model), dims=dims)
-
-
-def _fit_group(em, approx: LaplaceApproximation) -> xr.Dataset:
-    model = em.model
-    labels = approx.labels
-    data = {
-        "mean_vector": xr.DataArray(approx.mean, dims=["rows"], coords={"rows": labels}),
-        "covariance_matrix": xr.DataArray(
-            approx.covariance,
-            dims=["rows", "columns"],
-            coords={"rows": labels, "columns": labels},
-        ),
-    }
-    coords = _model_coords(model)
-    for name, se in approx.standard_errors.items():
-        dims = _model_dims(model, name, se.ndim)
-        data[f"{name}_se"] = xr.DataArray(
-            se, dims=dims, coords={d: coords[d] for d in dims if d in coords}
-        )
-    attrs = {
-        "jacobian": int(approx.jacobian),
-        "hessian_method": approx.hessian_method,
-        "newton_steps": approx.newton_steps,
-        "standard_errors": "delta method at the no-Jacobian mode (<name>_se)",
-    }
-    return xr.Dataset(data, attrs=attrs)
-
-
-def _map_source(idata: az.InferenceData) -> xr.Dataset:
-    """The EM point: the ``map`` group of a Laplace fit, else the EM ``posterior``."""
-    groups = idata.groups()
-    if "map" in groups:
-        return idata.map
-    if "posterior" not in groups:
-        raise ValueError("idata has neither a 'posterior' nor a 'map' group: not an EM fit.")
-    return idata.posterior
 
 
 def _point(em, source: xr.Dataset) -> dict[str, np.ndarray]:
@@ -698,18 +642,25 @@ def laplace_idata(
         See :func:`fit_laplace`.
     """
     _check_options(draws, jacobian)
-    source = _map_source(idata)
-    approx = laplace_approximation(em, _point(em, source), jacobian=bool(jacobian))
+    approx = laplace_approximation(em, _point(em, em_point(idata)), jacobian=bool(jacobian))
     compiled = _compile(em)
     samples = _sample(em, compiled, approx, int(draws), random_seed)
-    groups = {name: idata[name].copy() for name in idata.groups() if name not in _REPLACED_GROUPS}
-    groups["posterior"] = _posterior_group(em, samples)
-    groups["map"] = source.copy(deep=True)
-    groups["fit"] = _fit_group(em, approx)
-    with warnings.catch_warnings():
-        # map, fit and em_stats are not among ArviZ's named groups; that is intended.
-        warnings.simplefilter("ignore", UserWarning)
-        return az.InferenceData(**groups)
+    return with_laplace_groups(idata, em.model, samples, _fit_group(approx))
+
+
+def _fit_group(approx: LaplaceApproximation) -> LaplaceFit:
+    return LaplaceFit(
+        labels=approx.labels,
+        mean=approx.mean,
+        covariance=approx.covariance,
+        standard_errors=approx.standard_errors,
+        attrs={
+            "jacobian": int(approx.jacobian),
+            "hessian_method": approx.hessian_method,
+            "newton_steps": approx.newton_steps,
+            "standard_errors": "delta method at the no-Jacobian mode (<name>_se)",
+        },
+    )
 
 
 def _routine_for(model, source: xr.Dataset, backend=None) -> EM:
@@ -803,5 +754,5 @@ def fit_laplace(
     _check_options(draws, jacobian)
     # The fit's backend (recorded in em_stats), so that its routine is reused.
     backend = idata.em_stats.attrs.get("backend") if "em_stats" in idata.groups() else None
-    em = _routine_for(model, _map_source(idata), backend)
+    em = _routine_for(model, em_point(idata), backend)
     return laplace_idata(em, idata, draws=draws, random_seed=random_seed, jacobian=jacobian)

@@ -1,20 +1,29 @@
-"""Running EM to convergence: pure iteration over an immutable state, with the
-convergence decision made in one place."""
+"""Running EM to convergence: pure steps over an immutable state
+(:mod:`pm_em.state`), the convergence decision made in one place, and the driver
+over starts that :func:`pm_em.find_MAP` and :meth:`pm_em.EM.run` share."""
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
-from pymc.logprob.utils import ParameterValueError
 
 from pm_em.degenerate import Collapse, find_collapse, find_empty_components
 from pm_em.errors import DegenerateSolutionWarning, EMConvergenceWarning
 from pm_em.precision import LoopTolerances, Settling, loop_tolerances
+from pm_em.squarem import squarem_cycle
+from pm_em.state import EMInfo, EMIteration, EMState, e_step_state, em_step
 
-__all__ = ["ACCELERATIONS", "AUTO_SQUAREM_AFTER", "EMHistory", "EMIteration", "EMState", "run_em"]
+__all__ = [
+    "ACCELERATIONS",
+    "AUTO_SQUAREM_AFTER",
+    "EMHistory",
+    "EMIteration",
+    "EMState",
+    "run_em",
+    "run_starts",
+]
 
 #: Accepted values of ``accelerate``.
 ACCELERATIONS = (None, "auto", "squarem")
@@ -33,36 +42,6 @@ _DECREASE_TOLERANCE = 1e-8
 # float32 model (floatX="float32") gets allowances scaled to its precision instead
 # (pm_em.precision).
 _ROUNDING = 1e-13
-
-
-class EMState(NamedTuple):
-    """Where EM is: the parameters' values (unconstrained space) and their
-    observed-data log-posterior, with the responsibilities computed there."""
-
-    values: list
-    logp: float
-    log_resp: object
-
-
-class EMIteration(NamedTuple):
-    """What a ``callback`` of :func:`pm_em.find_MAP` receives after each iteration.
-
-    Attributes
-    ----------
-    restart : int
-        Index of the start (0 .. n_init - 1).
-    iteration : int
-        Iterations completed in this start (EM steps, or SQUAREM cycles).
-    logp : float
-        Observed-data log-posterior at ``point``.
-    point : dict
-        Continuous free variable name -> value (constrained space).
-    """
-
-    restart: int
-    iteration: int
-    logp: float
-    point: dict
 
 
 @dataclass
@@ -103,16 +82,6 @@ class EMHistory:
         return max(len(self.logp) - 1, 0)
 
 
-def safe_e_step(em, values) -> tuple[float, object]:
-    """The E-step at ``values``, or ``(nan, None)`` where the model's own parameter
-    checks refuse them (a scale of exactly 0 after a collapse raises in PyMC's
-    log-probability): the caller sees a non-finite log-posterior."""
-    try:
-        return em._e_step_values(values)
-    except ParameterValueError:
-        return float("nan"), None
-
-
 def has_converged(
     previous: float,
     current: float,
@@ -143,14 +112,24 @@ def logp_rounding(em, logp: float) -> float:
 
 
 def run_em(
-    em, values, *, tol, max_iter, accelerate=None, progress=None, warn=True, callback=None
+    routine,
+    values,
+    *,
+    tol,
+    max_iter,
+    accelerate=None,
+    progress=None,
+    warn=True,
+    callback=None,
+    restart: int = 0,
 ) -> tuple[EMState, EMHistory]:
     """Iterate from ``values`` until convergence, ``max_iter``, a degenerate point, or
     a stop by the user.
 
     Parameters
     ----------
-    em : EM
+    routine : Routine
+        The compiled routine (:class:`pm_em.routine.Routine`).
     values : list of np.ndarray
         Start, on the unconstrained space.
     tol : float
@@ -167,8 +146,11 @@ def run_em(
     warn : bool, default True
         Warn when the run ends without converging, or at a degenerate point.
     callback : callable, optional
-        Called as ``callback(iteration, state)`` after every iteration; a true return
-        value stops the run (``history.stopped = "callback"``).
+        Called as ``callback(info)`` with an :class:`EMIteration` after every
+        iteration; returning True, or raising StopIteration, stops the run
+        (``history.stopped = "callback"``).
+    restart : int, default 0
+        The start's index, passed on to ``callback``.
 
     Returns
     -------
@@ -185,11 +167,11 @@ def run_em(
     # alive for the whole run, beside the current state's.
     # A start the model refuses (e.g. a covariance not numerically positive definite)
     # is a non-finite start, explained by the caller, not a crash.
-    state = EMState(values, *safe_e_step(em, values))
+    state = e_step_state(routine, values)
     history = EMHistory(logp=[state.logp], n_e_steps=1)
     if not np.isfinite(state.logp):
         return state, history
-    steps = _iterations(em, state, history, tol, max_iter, accelerate, warn)
+    steps = _iterations(routine, state, history, tol, max_iter, accelerate, warn)
     completed = 0
     try:
         # ``state`` is rebound only once an iteration has completed, so an interrupt
@@ -197,7 +179,10 @@ def run_em(
         for completed, state in steps:
             if progress is not None:
                 progress(completed, state.logp)
-            if callback is not None and callback(completed, state):
+            stop = callback is not None and _stop_requested(
+                routine, callback, restart, completed, state
+            )
+            if stop:
                 history.stopped = "callback"
                 break
     except KeyboardInterrupt:
@@ -206,7 +191,7 @@ def run_em(
         # over, is dropped: the history ends at ``state``.
         history.logp = history.logp[: completed + 1]
         history.converged = False
-    history.empty = find_empty_components(em, state.log_resp)
+    history.empty = find_empty_components(routine, state.log_resp)
     if warn and history.empty and history.collapse is None:
         warnings.warn(
             f"Empty component(s): {', '.join(history.empty)}. The fit is a mode on the "
@@ -216,7 +201,7 @@ def run_em(
             stacklevel=3,
         )
     if warn and not (history.converged or history.collapse or history.stopped):
-        change = abs(history.logp[-1] - history.logp[-2]) / em.structure.n_observations
+        change = abs(history.logp[-1] - history.logp[-2]) / routine.structure.n_observations
         warnings.warn(
             f"EM did not converge in {max_iter} iterations (last change per observation "
             f"{change:.3g} > tol={tol:g}). Increase max_iter, loosen tol, or try another "
@@ -227,33 +212,86 @@ def run_em(
     return state, history
 
 
-def _iterations(em, state, history, tol, max_iter, accelerate, warn):
+def _stop_requested(routine, callback, restart: int, iteration: int, state: EMState) -> bool:
+    """Call the user's ``callback`` with an :class:`EMIteration`; True (stop) when it
+    returns True or raises StopIteration."""
+    info = EMIteration(restart, iteration, float(state.logp), routine.to_point(state.values))
+    try:
+        return bool(callback(info))
+    except StopIteration:
+        return True
+
+
+def run_starts(
+    routine, starts, *, tol, max_iter, accelerate, progress=None, callback=None
+) -> tuple[list[EMState], list[EMHistory]]:
+    """:func:`run_em` from each start in turn (what :func:`pm_em.find_MAP` does, and
+    :meth:`pm_em.EM.run` for one start); a start stopped by the user ends the fit.
+
+    Parameters
+    ----------
+    routine : Routine
+    starts : list of list of np.ndarray
+        Each start's values, on the unconstrained space.
+    tol, max_iter, accelerate, callback
+        As in :func:`run_em`.
+    progress : ProgressReporter, optional
+        Told when each start begins and ends (:mod:`pm_em.progress`).
+
+    Returns
+    -------
+    states, histories : list
+        Per start run (fewer than ``starts`` when the user stopped the fit).
+    """
+    states, histories = [], []
+    for restart, values in enumerate(starts):
+        if progress is not None:
+            progress.start(restart)
+        state, history = run_em(
+            routine,
+            values,
+            tol=tol,
+            max_iter=max_iter,
+            accelerate=accelerate,
+            progress=progress,
+            callback=callback,
+            restart=restart,
+        )
+        if progress is not None:
+            progress.finish(history.logp[-1])
+        states.append(state)
+        histories.append(history)
+        if history.stopped:
+            break
+    return states, histories
+
+
+def _advance(routine, state: EMState, accelerated: bool, tolerance: float, converged_change):
+    """One iteration: a SQUAREM cycle when ``accelerated``, else a plain EM step."""
+    if accelerated:
+        return squarem_cycle(routine, state, tolerance, converged_change)
+    return em_step(routine, state)
+
+
+def _iterations(routine, state, history, tol, max_iter, accelerate, warn):
     """Yield ``(iteration, state)`` after each completed iteration, recording it in
     ``history``; end at convergence, ``max_iter`` or a degenerate point."""
-    from pm_em.squarem import SquaremStep, squarem_cycle
-
     start = state.values
-    n_obs = em.structure.n_observations
-    tolerances = loop_tolerances(em.structure.float_eps, _ROUNDING, _DECREASE_TOLERANCE)
-    settling = Settling(em, start) if tolerances.blurred else None
-    step = SquaremStep()
+    n_obs = routine.structure.n_observations
+    tolerances = loop_tolerances(routine.structure.float_eps, _ROUNDING, _DECREASE_TOLERANCE)
+    settling = Settling(routine, start) if tolerances.blurred else None
     # Plain EM steps before SQUAREM takes over (None: never).
     plain_steps = {None: None, "auto": AUTO_SQUAREM_AFTER, "squarem": 0}[accelerate]
     for iteration in range(1, max_iter + 1):
         previous = state.logp
-        if plain_steps is not None and iteration > plain_steps:
-            if history.squarem_from is None:
-                history.squarem_from = iteration - 1
-            # An extrapolated step is accepted only if it does not lower the
-            # log-posterior beyond rounding (far below tol), which keeps the trace
-            # monotone; otherwise SQUAREM falls back toward plain EM.
-            tolerance = tolerances.rounding * max(1.0, abs(previous))
-            new_state, n_e_steps = squarem_cycle(em, state, step, tolerance, tol * n_obs)
-        else:
-            new_values = em._m_step_values(state.values, state.log_resp)
-            new_state, n_e_steps = EMState(new_values, *safe_e_step(em, new_values)), 1
-        history.n_e_steps += n_e_steps
-        collapse = find_collapse(em, start, new_state.values, new_state.logp)
+        accelerated = plain_steps is not None and iteration > plain_steps
+        # An extrapolated step is accepted only if it does not lower the
+        # log-posterior beyond rounding (far below tol), which keeps the trace
+        # monotone; otherwise SQUAREM falls back toward plain EM.
+        tolerance = tolerances.rounding * max(1.0, abs(previous))
+        new_state, info = _advance(routine, state, accelerated, tolerance, tol * n_obs)
+        _record(history, iteration, info)
+        collapse = find_collapse(routine, start, new_state.values, new_state.logp)
         if collapse is not None:
             history.collapse = collapse
             if warn:
@@ -275,3 +313,9 @@ def _iterations(em, state, history, tol, max_iter, accelerate, warn):
         yield iteration, state
         if history.converged:
             return
+
+
+def _record(history: EMHistory, iteration: int, info: EMInfo) -> None:
+    history.n_e_steps += info.n_e_steps
+    if info.accelerated and history.squarem_from is None:
+        history.squarem_from = iteration - 1

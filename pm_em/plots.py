@@ -16,13 +16,13 @@ from scipy.stats import norm
 
 from pm_em.compare import (
     SAMPLE_DIMS,
-    _compared_names,
-    _context_model,
-    _reference_latents,
     compare,
-    em_point,
+    compared_names,
+    context_model,
+    reference_latents,
     relabel,
 )
+from pm_em.inference_data import em_point
 
 __all__ = ["plot_compare", "plot_convergence"]
 
@@ -159,7 +159,7 @@ def plot_compare(
     >>> axes = pm_em.plot_compare(em_idata, trace, model=model)  # doctest: +SKIP
     >>> axes.flat[0].figure.savefig("em_vs_mcmc.png")  # doctest: +SKIP
     """
-    model = _context_model(model)
+    model = context_model(model)
     if undo_label_switching:
         mcmc_idata = relabel(mcmc_idata, em_idata, model, component_dims=component_dims)
     table = compare(
@@ -170,12 +170,12 @@ def plot_compare(
         hdi_prob=hdi_prob,
         undo_label_switching=False,
     )
-    names = _compared_names(
+    names = compared_names(
         em_point(em_idata),
         mcmc_idata.posterior,
         var_names,
         model,
-        _reference_latents(em_point(em_idata)),
+        reference_latents(em_point(em_idata)),
     )
     axes = az.plot_posterior(mcmc_idata, var_names=names, hdi_prob=hdi_prob, ax=ax, **plot_kwargs)
     axes = np.asarray(axes, dtype=object)

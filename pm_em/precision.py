@@ -99,17 +99,17 @@ class Settling:
 
     Parameters
     ----------
-    em : EM
+    routine : Routine
     values : list of np.ndarray
         The start, on the unconstrained space.
     """
 
-    def __init__(self, em, values):
-        self._em = em
+    def __init__(self, routine, values):
+        self._routine = routine
         self._last = self._constrained(values)
 
     def _constrained(self, values) -> list[np.ndarray]:
-        return [np.asarray(v, dtype=float) for v in self._em._constrained_fn(*values)]
+        return [np.asarray(v, dtype=float) for v in self._routine.constrained(values)]
 
     def move(self, values) -> float:
         """The largest relative change from the previous call's values (or the

@@ -16,24 +16,15 @@ it is used (their adaptive ``step.max``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from pm_em.loop import EMState, safe_e_step
+from pm_em.state import EMInfo, EMState, e_step_state
 
-__all__ = ["SquaremStep", "squarem_cycle"]
+__all__ = ["squarem_cycle"]
 
 # Halvings of a failed step before falling back to plain EM steps.
 _MAX_BACKTRACKS = 3
 _STEP_GROWTH = 4.0
-
-
-@dataclass
-class SquaremStep:
-    """The adaptive state of SQUAREM across cycles: the largest step allowed."""
-
-    max_step: float = 1.0
 
 
 def _flat(values) -> np.ndarray:
@@ -50,17 +41,16 @@ def _unflat(flat: np.ndarray, like) -> list[np.ndarray]:
 
 
 def squarem_cycle(
-    em, state: EMState, step: SquaremStep, tolerance: float, converged_change: float = 0.0
-) -> tuple[EMState, int]:
+    routine, state: EMState, tolerance: float, converged_change: float = 0.0
+) -> tuple[EMState, EMInfo]:
     """One SQUAREM cycle from ``state``.
 
     Parameters
     ----------
-    em : EM
+    routine : Routine
+        Its public ``e_step`` and ``m_step`` are the EM map.
     state : EMState
-        Current point with its E-step.
-    step : SquaremStep
-        Adaptive step bound, updated in place.
+        Current point with its E-step, and the step bound ``max_step``.
     tolerance : float
         Absolute decrease of the log-posterior tolerated as rounding.
     converged_change : float
@@ -72,41 +62,41 @@ def squarem_cycle(
     -------
     state : EMState
         The new point with its E-step; its log-posterior is not below ``state``'s
-        (beyond ``tolerance``) unless plain EM steps themselves decrease it.
-    n_e_steps : int
+        (beyond ``tolerance``) unless plain EM steps themselves decrease it. Its
+        ``max_step`` grew when the largest step allowed was taken and kept.
+    info : EMInfo
         E-steps evaluated.
     """
-    x0 = state.values
-    x1 = em._m_step_values(x0, state.log_resp)
-    logp1, resp1 = safe_e_step(em, x1)
+    x0, max_step = state.values, state.max_step
+    x1 = routine.m_step(x0, state.log_resp)
+    first = e_step_state(routine, x1, max_step)
     n_e_steps = 1
-    if not np.isfinite(logp1) or abs(logp1 - state.logp) < converged_change:
+    if not np.isfinite(first.logp) or abs(first.logp - state.logp) < converged_change:
         # EM itself degenerates here, or has converged.
-        return EMState(x1, logp1, resp1), n_e_steps
-    x2 = em._m_step_values(x1, resp1)
+        return first, EMInfo(n_e_steps, True)
+    x2 = routine.m_step(x1, first.log_resp)
     r = _flat(x1) - _flat(x0)
     v = _flat(x2) - _flat(x1) - r
     r_norm, v_norm = np.linalg.norm(r), np.linalg.norm(v)
     alpha = -1.0
     if v_norm > 0 and np.isfinite(v_norm) and np.isfinite(r_norm):
-        alpha = float(np.clip(-r_norm / v_norm, -step.max_step, -1.0))
-    at_bound = alpha == -step.max_step
+        alpha = float(np.clip(-r_norm / v_norm, -max_step, -1.0))
+    at_bound = alpha == -max_step
     for attempt in range(_MAX_BACKTRACKS + 1):
         # a = -1 is exactly x2: plain EM, accepted as it is.
         jump = x2 if alpha == -1.0 else _unflat(_flat(x0) - 2 * alpha * r + alpha**2 * v, x0)
-        logp_jump, resp_jump = safe_e_step(em, jump)
+        jumped = e_step_state(routine, jump, max_step)
         n_e_steps += 1
-        if not np.isfinite(logp_jump) and alpha == -1.0:
-            return EMState(jump, logp_jump, resp_jump), n_e_steps
-        if np.isfinite(logp_jump):
-            stabilized = em._m_step_values(jump, resp_jump)
-            logp_new, resp_new = safe_e_step(em, stabilized)
+        if not np.isfinite(jumped.logp) and alpha == -1.0:
+            return jumped, EMInfo(n_e_steps, True)
+        if np.isfinite(jumped.logp):
+            stabilized = e_step_state(routine, routine.m_step(jump, jumped.log_resp), max_step)
             n_e_steps += 1
-            monotone = np.isfinite(logp_new) and logp_new >= state.logp - tolerance
+            monotone = np.isfinite(stabilized.logp) and stabilized.logp >= state.logp - tolerance
             if monotone or alpha == -1.0:
                 if at_bound and attempt == 0:
-                    step.max_step *= _STEP_GROWTH
-                return EMState(stabilized, logp_new, resp_new), n_e_steps
+                    stabilized = stabilized._replace(max_step=max_step * _STEP_GROWTH)
+                return stabilized, EMInfo(n_e_steps, True)
         alpha = (alpha - 1.0) / 2.0
         if alpha > -1.0 - 1e-12 or attempt == _MAX_BACKTRACKS - 1:
             alpha = -1.0

@@ -30,8 +30,10 @@ def other_backend_available():
 
 def _function_modes(em):
     """The linker of every function the routine compiled so far."""
-    fns = [em._e_step_fn, em._constrained_fn, em._unconstrained_fn, em._objective_fn]
-    fns += [em._closed_form_fn, em._stats_fn, em._chain_fn, em._result_fn]
+    routine = em.routine
+    fns = [routine._e_step_fn, routine._constrained_fn, routine._unconstrained_fn]
+    fns += [routine._objective_fn, routine._closed_form_fn, routine._stats_fn]
+    fns += [routine._chain_fn, routine._result_fn]
     return {type(fn.maker.linker).__name__ for fn in fns if fn is not None}
 
 

@@ -174,8 +174,8 @@ def test_each_block_maximizes_q_given_the_others(name):
         for p in update.params:
             seen[index[p.name]] = new_values[index[p.name]]
         theta = join_flat(numeric.params, {p.value.name: v for p, v in zip(em.params, seen)})
-        stats = numeric._stats_values(values, log_resp.joint)
-        _, gradient = numeric._objective(theta, [], log_resp.joint, stats)
+        stats = numeric.routine._stats_values(values, log_resp.joint)
+        _, gradient = numeric.routine._objective(theta, [], log_resp.joint, stats)
         offset = 0
         for p in numeric.params:
             block = gradient[offset : offset + p.value_size]
@@ -191,7 +191,9 @@ def test_closed_form_map_is_a_fixed_point_of_the_numeric_m_step(name):
     em, numeric = routines(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pm_em.EMConvergenceWarning)
-        state, history = run_em(em, em.to_values(em.initial_point(5)), tol=1e-13, max_iter=5000)
+        state, history = run_em(
+            em.routine, em.to_values(em.initial_point(5)), tol=1e-13, max_iter=5000
+        )
     assert np.all(np.diff(history.logp) >= -1e-9 * abs(history.logp[-1]))
     point = em.to_point(state.values)
     after = numeric.m_step(point, numeric.e_step(point))
@@ -284,11 +286,11 @@ def test_numeric_objective_on_statistics_matches_q():
     log_resp = em.e_step(start)
     resp = np.exp(log_resp["z"])
     values = em.to_values(start)
-    statistics = em._stats_values(values, log_resp.joint)
+    statistics = em.routine._stats_values(values, log_resp.joint)
 
     def objective(point):
         theta = join_flat(em.params, dict(zip([p.value.name for p in em.params], point)))
-        return float(em._objective(theta, [], log_resp.joint, statistics)[0])
+        return float(em.routine._objective(theta, [], log_resp.joint, statistics)[0])
 
     def q_numpy(point):
         w, mu, sigma = point["w"], point["mu"], point["sigma"]
@@ -315,7 +317,7 @@ def test_latent_term_collapses_to_expected_counts():
     # y does not involve freq given g: it only enters through the responsibilities.
     assert em.graphs.numeric.collapsed == ["g"]
     state, history = run_em(
-        em, em.to_values({"freq": np.array([0.3, 0.7])}), tol=1e-12, max_iter=500
+        em.routine, em.to_values({"freq": np.array([0.3, 0.7])}), tol=1e-12, max_iter=500
     )
     assert np.all(np.diff(history.logp) >= -1e-9 * abs(history.logp[-1]))
     # The MAP of a flat Dirichlet: the root of the observed-data score.
@@ -342,7 +344,7 @@ def test_discrete_observations_collapse_to_distinct_values():
     em = pm_em.EM(model)
     assert em.closed_form_params == ["w"]
     assert em.graphs.numeric.collapsed == ["x"]
-    state, history = run_em(em, em.to_values(em.initial_point(1)), tol=1e-13, max_iter=2000)
+    state, history = run_em(em.routine, em.to_values(em.initial_point(1)), tol=1e-13, max_iter=2000)
     assert np.all(np.diff(history.logp) >= -1e-9 * abs(history.logp[-1]))
     numeric = pm_em.EM(model, closed_form=False)
     point = em.to_point(state.values)

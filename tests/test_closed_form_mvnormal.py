@@ -394,7 +394,7 @@ def test_same_map_as_numeric_m_step(fitted):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pm_em.EMConvergenceWarning)
         for r in (em, numeric):
-            state, history = run_em(r, r.to_values(START), tol=1e-12, max_iter=3000)
+            state, history = run_em(r.routine, r.to_values(START), tol=1e-12, max_iter=3000)
             assert np.all(np.diff(history.logp) >= -1e-9 * abs(history.logp[-1]))
             fits.append((state.logp, r.to_point(state.values)))
     (logp_closed, closed), (logp_numeric, numeric_point) = fits

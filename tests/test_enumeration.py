@@ -25,7 +25,7 @@ from scipy.special import logsumexp
 import pm_em
 from pm_em.analysis import analyze_model
 from pm_em.collapse import latent_mask, plan_collapse, vectorize_collapsed
-from pm_em.em import most_probable
+from pm_em.fit_result import most_probable
 from pm_em.pointwise import direct_pointwise, pointwise_loglik
 from pm_em.rewrites import local_matrix_b_solve
 
@@ -216,7 +216,7 @@ def test_direct_pointwise_matches_the_chain_rule_path(routine):
         lat.name: most_probable(log_resp[lat.name], lat.support, lat.value.type.dtype)
         for lat in em.latents
     }
-    _, pointwise = em._result_outputs(values, labels, {})
+    _, pointwise = em.routine.result_outputs(values, labels, {})
     for comp, tables in zip(em.structure.components, em.graphs.tables):
         if not direct_pointwise(comp):
             continue
@@ -357,7 +357,7 @@ def test_mvnormal_mixture_factorizes_once_per_component(name):
     # The Cholesky factorizations and solves loop over the 3 components, never over
     # the 30 observations: in the E-step and in the M-step's gradient alike.
     em = compiled_mv(name)
-    for fn in (f for f in (em._e_step_fn, em._objective_fn) if f is not None):
+    for fn in (f for f in (em.routine._e_step_fn, em.routine._objective_fn) if f is not None):
         linalg = [
             node
             for node in fn.maker.fgraph.apply_nodes

@@ -114,9 +114,9 @@ def test_step_api_callback(model):
     em = pm_em.em.cached_routine(model)
     calls = []
 
-    def callback(iteration, point, logp):
-        calls.append((iteration, logp))
-        return iteration == 2
+    def callback(info):
+        calls.append((info.iteration, info.logp))
+        return info.iteration == 2
 
     point, history = em.run(em.initial_point(random_seed=2), callback=callback)
     assert [c[0] for c in calls] == [1, 2]

@@ -43,7 +43,7 @@ def fitted():
         pm.Normal("x", mu[z], sigma[z], observed=x)
     em = pm_em.EM(model)
     values = em.to_values(START)
-    state, history = run_em(em, values, tol=1e-8, max_iter=1000, warn=False)
+    state, history = run_em(em.routine, values, tol=1e-8, max_iter=1000, warn=False)
     assert history.converged
     return em, values, state, history
 
@@ -64,7 +64,7 @@ def traced_peak(fn) -> int:
 
 def test_fit_loop_holds_a_few_tables(fitted):
     em, values, _, _ = fitted
-    peak = traced_peak(lambda: run_em(em, values, tol=1e-8, max_iter=1000, warn=False))
+    peak = traced_peak(lambda: run_em(em.routine, values, tol=1e-8, max_iter=1000, warn=False))
     # 4.6 tables at n = 1e6: the current responsibilities, the E-step's own table
     # and its responsibility-weighted data, the previous state's responsibilities.
     assert peak < 6.5 * TABLE, f"fit loop peaked at {peak / TABLE:.1f} tables"

@@ -22,8 +22,8 @@ import pytensor.tensor as pt
 from pytensor.graph.traversal import ancestors
 from pytensor.tensor.random.basic import BernoulliRV, BinomialRV, ExponentialRV, PoissonRV
 
-from pm_em.closed_form._priors import prior_constants, prior_family, rate_prior
 from pm_em.closed_form.base import ClosedFormUpdate, finite, scatter_sum
+from pm_em.closed_form.priors import prior_constants, prior_family, rate_prior
 
 __all__ = ["binomial_probability", "exponential_rate", "poisson_rate"]
 

@@ -36,10 +36,10 @@ from pytensor.tensor.random.basic import MvNormalRV
 from pytensor.tensor.slinalg import cholesky
 from pytensor.tensor.subtensor import AdvancedSubtensor, AdvancedSubtensor1
 
-from pm_em.chains import model_initial_point
-from pm_em.closed_form._priors import prior_family
 from pm_em.closed_form.base import ClosedFormUpdate, finite
+from pm_em.closed_form.priors import prior_family
 from pm_em.compile import evaluate_once
+from pm_em.initial_point import model_initial_point
 
 __all__ = ["mvnormal_covariance", "mvnormal_mean"]
 

@@ -17,8 +17,8 @@ import pytensor.tensor as pt
 from pytensor.graph.traversal import ancestors
 from pytensor.tensor.random.basic import CategoricalRV
 
-from pm_em.closed_form._priors import prior_constants, prior_family
 from pm_em.closed_form.base import ClosedFormUpdate, finite
+from pm_em.closed_form.priors import prior_constants, prior_family
 from pm_em.rewrites import strip_leading_broadcast
 
 __all__ = ["markov_initial", "markov_transitions"]

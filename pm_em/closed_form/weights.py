@@ -12,8 +12,8 @@ import numpy as np
 import pytensor.tensor as pt
 from pytensor.tensor.random.basic import CategoricalRV
 
-from pm_em.closed_form._priors import prior_constants, prior_family
 from pm_em.closed_form.base import ClosedFormUpdate, finite
+from pm_em.closed_form.priors import prior_constants, prior_family
 from pm_em.enumeration import unbroadcast
 
 __all__ = ["categorical_weights"]
