@@ -16,7 +16,7 @@ the component's log marginal is ``logsumexp_g L[g]``, the posterior of the globa
 ``log W[g, k, i] = log q(g) + A[g, k, i] - m[g, i]``. All in log space.
 
 Each term is vectorized with the latents it allows replaced by broadcastable
-stand-ins of shape ``(C, 1, ..., 1)`` (:mod:`pm_em.collapse`), so that what depends
+stand-ins of shape ``(C, 1, ..., 1)`` (:mod:`pm_em.standins`), so that what depends
 on the latents' values only (``mu[z]``, the Cholesky factor of ``cov[z]``) is
 computed once per configuration rather than once per element and configuration;
 the other latents get their full batch ``(C, *shape)``. Batched vector solves
@@ -36,11 +36,11 @@ from pytensor.graph.replace import vectorize_graph
 from pytensor.tensor.basic import Alloc
 
 from pm_em.analysis import Component, ElementGroup, ModelStructure
-from pm_em.collapse import latent_mask, plan_collapse, vectorize_collapsed
 from pm_em.errors import UnsupportedModelError
 from pm_em.forward_backward import forward_backward, forward_filter, viterbi
 from pm_em.latents import LatentSpec
 from pm_em.rewrites import batch_solves
+from pm_em.standins import latent_mask, plan_standins, vectorize_with_standins
 
 __all__ = [
     "ComponentPosterior",
@@ -137,21 +137,21 @@ def _vectorize(terms: list, replace: dict, names: list[str]) -> list[Variable]:
 
 def _vectorize_term(term: Variable, full: dict, standins: dict, names: list[str]) -> Variable:
     """One term per configuration: stand-ins for the latents the term allows (see
-    :mod:`pm_em.collapse`), full batches for the others.
+    :mod:`pm_em.standins`), full batches for the others.
 
     The result is broadcastable to ``(C, *term.shape)``, not necessarily of that
     shape. Should PyTensor fail to vectorize the stand-in graph, the full
     substitution, which the stand-ins only optimize, is used instead.
     """
     candidates = {value: latent_mask(shape) for value, (shape, _) in standins.items()}
-    plan = plan_collapse(term, candidates)
+    plan = plan_standins(term, candidates)
     if plan.standins:
         replace = {
             value: standins[value][1] if value in plan.standins else batch
             for value, batch in full.items()
         }
         try:
-            return vectorize_collapsed(term, plan, replace)
+            return vectorize_with_standins(term, plan, replace)
         except (NotImplementedError, TypeError, ValueError):
             pass
     (batched,) = _vectorize([term], full, names)

@@ -3,7 +3,7 @@
 The numeric block maximizes ``Q`` over the parameters no closed form claimed, with
 L-BFGS: tens of evaluations per EM iteration. Evaluated term by term over the data
 that is ``O(n K)`` each time. Only the terms that involve those parameters matter
-(the others are constant in them), and many of those collapse to statistics computed
+(the others are constant in them), and many of those reduce to statistics computed
 once per M-step, so that each evaluation costs ``O(K)``:
 
 * a Normal likelihood whose location and scale are the same for every entry under a
@@ -32,11 +32,11 @@ from pytensor.tensor.random.basic import NormalRV
 from pytensor.tensor.random.op import RandomVariable
 
 from pm_em.analysis import ModelStructure, ParamSpec, Term
-from pm_em.closed_form.base import ClosedFormContext, TermEntries
 from pm_em.compile import evaluate_once
 from pm_em.enumeration import ComponentTables
 from pm_em.initial_point import model_initial_point
 from pm_em.mstep import ResponsibilityInputs, expectation
+from pm_em.term_context import ClosedFormContext, TermEntries
 
 __all__ = ["NumericObjective", "build_numeric_objective"]
 
@@ -57,14 +57,14 @@ class NumericObjective:
     stats : list of Variable
         ...and the statistics as graphs of the value variables (the E-step's point)
         and the responsibility inputs.
-    collapsed : list of str
+    on_statistics : list of str
         Names of the terms evaluated on statistics (for reports and tests).
     """
 
     objective: Variable
     stat_inputs: list[Variable] = field(default_factory=list)
     stats: list[Variable] = field(default_factory=list)
-    collapsed: list[str] = field(default_factory=list)
+    on_statistics: list[str] = field(default_factory=list)
 
     def add_stat(self, graph: Variable, name: str) -> Variable:
         placeholder = graph.type(name)
@@ -108,10 +108,10 @@ def build_numeric_objective(
             continue
         per_term = _per_term_tables(comp, tables[c])
         for name, term_entries in entries.items():
-            collapsed = _collapse(ctx, term_entries, result)
-            if collapsed is not None:
-                total = total + collapsed
-                result.collapsed.append(name)
+            reduced = _on_statistics(ctx, term_entries, result)
+            if reduced is not None:
+                total = total + reduced
+                result.on_statistics.append(name)
                 continue
             table = per_term[name].reshape((term_entries.n_configs, term_entries.n_entries))
             total = total + _weighted_sum(term_entries.weights, table)
@@ -139,10 +139,10 @@ def _weighted_sum(weights: Variable, table: Variable) -> Variable:
     return pt.switch(weights > 0, weights * table, 0.0).sum()
 
 
-# -- collapsing a term ---------------------------------------------------------------
+# -- a term on statistics ------------------------------------------------------------
 
 
-def _collapse(ctx: ClosedFormContext, entries: TermEntries, result: NumericObjective):
+def _on_statistics(ctx: ClosedFormContext, entries: TermEntries, result: NumericObjective):
     """The term's expected log-probability on statistics, or None."""
     rv = entries.rv
     if rv.owner is None or not isinstance(rv.owner.op, RandomVariable):
@@ -155,12 +155,12 @@ def _collapse(ctx: ClosedFormContext, entries: TermEntries, result: NumericObjec
     columns, varying = found
     kind = entries.term.kind
     if kind == "latent" and entries.latent.name == entries.term.name:
-        return _collapse_latent(entries, columns, varying, result)
+        return _latent_on_statistics(entries, columns, varying, result)
     if kind != "observed":
         return None
     if isinstance(rv.owner.op, NormalRV):
-        return _collapse_normal(ctx, entries, columns, varying, result)
-    return _collapse_discrete(ctx, entries, columns, varying, result)
+        return _normal_on_statistics(ctx, entries, columns, varying, result)
+    return _discrete_on_statistics(ctx, entries, columns, varying, result)
 
 
 def _per_config_inputs(ctx, entries):
@@ -195,7 +195,7 @@ def _per_config_inputs(ctx, entries):
     for point in (start, jittered):
         try:
             values = evaluate_once(inputs, tables + usable, [point[v.name] for v in inputs])
-        except Exception:  # noqa: BLE001 - an input that cannot be evaluated: no collapse
+        except Exception:  # noqa: BLE001 - an input that cannot be evaluated: kept as a table
             return None
         values = [np.asarray(v) for v in values]
         full, narrow_values = values[: len(tables)], iter(values[len(tables) :])
@@ -246,7 +246,7 @@ def _logp_per_config(entries, columns, value: Variable) -> Variable:
     return pm.logp(fresh, value)
 
 
-def _collapse_latent(entries, columns, varying, result):
+def _latent_on_statistics(entries, columns, varying, result):
     """``sum_k N_k log p(z = support_k | theta)``."""
     keep = pt.constant(varying)
     count = result.add_stat(entries.weights[keep].sum(axis=1), f"{entries.term.name}_count")
@@ -255,7 +255,7 @@ def _collapse_latent(entries, columns, varying, result):
     return _weighted_sum(count, logp)
 
 
-def _collapse_normal(ctx, entries, columns, varying, result):
+def _normal_on_statistics(ctx, entries, columns, varying, result):
     """``sum_k -N_k log(sigma_k sqrt(2 pi)) - sum_j R_kj (x_j - mu_k)^2 / (2 sigma_k^2)``,
     with the squares expanded about the E-step's location ``c_k``."""
     name = entries.term.name
@@ -274,7 +274,7 @@ def _collapse_normal(ctx, entries, columns, varying, result):
     return (-count * (pt.log(scale) + 0.5 * np.log(2 * np.pi)) - squares / (2 * scale**2)).sum()
 
 
-def _collapse_discrete(ctx, entries, columns, varying, result):
+def _discrete_on_statistics(ctx, entries, columns, varying, result):
     """``sum_{k,u} C_ku log p(u | theta_k)`` over the distinct observed values ``u``."""
     data = entries.rv
     value = ctx.model.rvs_to_values.get(data)

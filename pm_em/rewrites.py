@@ -1,7 +1,7 @@
 """Graph rewrites for the enumerated log-probability tables.
 
 With the latents enumerated through broadcastable stand-ins (see
-:mod:`pm_em.collapse`), ``MvNormal(mu[z], chol=chol[z])`` becomes a Blockwise
+:mod:`pm_em.standins`), ``MvNormal(mu[z], chol=chol[z])`` becomes a Blockwise
 triangular solve of the factors ``a``, batch shape ``(C, 1)`` (one per
 configuration), against the centred data ``b``, batch shape ``(C, n)``. Blockwise
 would loop over ``C * n`` vector solves in Python. :func:`local_matrix_b_solve`

@@ -281,7 +281,7 @@ def test_numeric_objective_on_statistics_matches_q():
     from scipy import stats
 
     em = pm_em.EM(gmm(sigma_prior="halfstudentt"), closed_form=False)
-    assert set(em.graphs.numeric.collapsed) == {"x", "z"}
+    assert set(em.graphs.numeric.on_statistics) == {"x", "z"}
     start = em.initial_point(random_seed=2)
     log_resp = em.e_step(start)
     resp = np.exp(log_resp["z"])
@@ -315,7 +315,7 @@ def test_latent_term_collapses_to_expected_counts():
     em = pm_em.EM(model)
     assert em.closed_form_params == []
     # y does not involve freq given g: it only enters through the responsibilities.
-    assert em.graphs.numeric.collapsed == ["g"]
+    assert em.graphs.numeric.on_statistics == ["g"]
     state, history = run_em(
         em.routine, em.to_values({"freq": np.array([0.3, 0.7])}), tol=1e-12, max_iter=500
     )
@@ -343,7 +343,7 @@ def test_discrete_observations_collapse_to_distinct_values():
         pm.Poisson("x", mu=rate[z], observed=COUNTS)
     em = pm_em.EM(model)
     assert em.closed_form_params == ["w"]
-    assert em.graphs.numeric.collapsed == ["x"]
+    assert em.graphs.numeric.on_statistics == ["x"]
     state, history = run_em(em.routine, em.to_values(em.initial_point(1)), tol=1e-13, max_iter=2000)
     assert np.all(np.diff(history.logp) >= -1e-9 * abs(history.logp[-1]))
     numeric = pm_em.EM(model, closed_form=False)

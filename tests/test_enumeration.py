@@ -24,10 +24,10 @@ from scipy.special import logsumexp
 
 import pm_em
 from pm_em.analysis import analyze_model
-from pm_em.collapse import latent_mask, plan_collapse, vectorize_collapsed
 from pm_em.fit_result import most_probable
 from pm_em.pointwise import direct_pointwise, pointwise_loglik
 from pm_em.rewrites import local_matrix_b_solve
+from pm_em.standins import latent_mask, plan_standins, vectorize_with_standins
 
 
 def brute_force(em, point):
@@ -414,7 +414,7 @@ def test_ops_that_need_the_full_substitution(name):
     (latent,) = structure.latents
     observed = [t for t in structure.terms if t.kind == "observed"]
     for term in observed:
-        plan = plan_collapse(term.logp, {latent.value: latent_mask(latent.shape)})
+        plan = plan_standins(term.logp, {latent.value: latent_mask(latent.shape)})
         assert not plan.standins
     em = pm_em.EM(model)
     point = em.initial_point(random_seed=4)
@@ -438,7 +438,7 @@ def test_standin_plans():
         candidates = {lat.value: latent_mask(lat.shape) for lat in structure.latents}
         for term in structure.terms:
             if term.latents:
-                plan = plan_collapse(term.logp, candidates)
+                plan = plan_standins(term.logp, candidates)
                 assert {v.name for v in plan.standins} == plans[term.name], (name, term.name)
 
 
@@ -462,17 +462,17 @@ def _rule_graphs():
 
 
 @pytest.mark.parametrize("name", list(_rule_graphs()[1]))
-def test_collapse_rules_are_exact(name):
+def test_squeeze_rules_are_exact(name):
     z, graphs = _rule_graphs()
     term, allowed = graphs[name]
-    plan = plan_collapse(term, {z: latent_mask((4,))})
+    plan = plan_standins(term, {z: latent_mask((4,))})
     assert bool(plan.standins) == allowed
     values = np.array([0, 1, 2])
     full = vectorize_graph(term, {z: pt.constant(np.repeat(values[:, None], 4, axis=1))})
     expected = full.eval()
     if allowed:
         standin = pt.constant(values[:, None])
-        batched = vectorize_collapsed(term, plan, {z: standin})
+        batched = vectorize_with_standins(term, plan, {z: standin})
         actual = pt.broadcast_to(batched, full.shape).eval()
         np.testing.assert_allclose(actual, expected, rtol=1e-14)
 

@@ -11,13 +11,14 @@ monotone guarantee); weights come first, then locations, then scales.
 from __future__ import annotations
 
 from pm_em.analysis import ModelStructure
-from pm_em.closed_form.base import ClosedFormContext, ClosedFormUpdate
+from pm_em.closed_form.base import ClosedFormUpdate
 from pm_em.closed_form.counts import binomial_probability, exponential_rate, poisson_rate
 from pm_em.closed_form.mvnormal import mvnormal_covariance, mvnormal_mean
 from pm_em.closed_form.normal import normal_location, normal_precision, normal_scale
 from pm_em.closed_form.transitions import markov_initial, markov_transitions
 from pm_em.closed_form.weights import categorical_weights
 from pm_em.mstep import ResponsibilityInputs
+from pm_em.term_context import ClosedFormContext
 
 __all__ = ["RULES", "ClosedFormUpdate", "closed_form_updates"]
 

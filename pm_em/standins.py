@@ -13,7 +13,7 @@ once per configuration, and broadcasting happens only where the data enter.
 The stand-in is exact for a term when broadcasting its batched result to the full
 shape gives the full substitution's result. This module decides that op by op, on
 the model's (unbatched) graph. Every variable downstream of a stand-in carries a
-*collapse mask*: one flag per axis, True where its batched value has length 1
+*squeeze mask*: one flag per axis, True where its batched value has length 1
 while the full substitution's has the variable's own length. Along such an axis
 the full substitution's value is constant (a broadcast copy). The invariant kept
 for every variable ``v`` is:
@@ -21,17 +21,17 @@ for every variable ``v`` is:
     ``batched_standin(v)`` has the shape of ``batched_full(v)``, except length 1
     on the masked axes, and broadcasting it gives ``batched_full(v)``.
 
-An op that receives a collapsed input keeps the invariant only if it commutes with
-broadcasting along the collapsed axes. The rules below accept exactly those ops and
+An op that receives a squeezed input keeps the invariant only if it commutes with
+broadcasting along the squeezed axes. The rules below accept exactly those ops and
 input positions, each with the reason written next to it; any other op (Reshape,
-Join, Shape, SpecifyShape, Subtensor slicing a collapsed axis, sums over a collapsed
+Join, Shape, SpecifyShape, Subtensor slicing a squeezed axis, sums over a squeezed
 axis, unknown ops, ...) is refused, and the latents whose stand-ins reach it fall
-back to the full substitution. An op whose inputs are not collapsed receives the
+back to the full substitution. An op whose inputs are not squeezed receives the
 same values under both substitutions, so it needs no rule.
 
-Collapsed axes have static length one in the batched graph (see
-:func:`vectorize_collapsed`), so PyTensor broadcasts them as usual; an axis stays
-collapsed after broadcasting only when no uncollapsed input gives it a length.
+Squeezed axes have static length one in the batched graph (see
+:func:`vectorize_with_standins`), so PyTensor broadcasts them as usual; an axis stays
+squeezed after broadcasting only when no unsqueezed input gives it a length.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from pytensor.tensor.subtensor import AdvancedSubtensor, AdvancedSubtensor1, Sub
 from pytensor.tensor.type import TensorType
 from pytensor.tensor.type_other import SliceType
 
-__all__ = ["CollapsePlan", "latent_mask", "plan_collapse", "vectorize_collapsed"]
+__all__ = ["StandinPlan", "latent_mask", "plan_standins", "vectorize_with_standins"]
 
 Mask = tuple[bool, ...]
 
@@ -62,12 +62,12 @@ _IDEMPOTENT_REDUCTIONS = (ps.Maximum, ps.Minimum, ps.AND, ps.OR)
 
 
 def latent_mask(shape: tuple[int, ...]) -> Mask:
-    """Collapse mask of a latent's stand-in: every axis longer than one."""
+    """Squeeze mask of a latent's stand-in: every axis longer than one."""
     return tuple(length != 1 for length in shape)
 
 
 @dataclass
-class CollapsePlan:
+class StandinPlan:
     """How to vectorize one term with stand-ins.
 
     Attributes
@@ -75,7 +75,7 @@ class CollapsePlan:
     standins : set of Variable
         Latent value variables to replace by stand-ins (the others by full batches).
     masks : dict
-        Collapse mask of every variable of the term's graph that has a collapsed
+        Squeeze mask of every variable of the term's graph that has a squeezed
         axis (variables absent are the same under both substitutions).
     """
 
@@ -83,8 +83,8 @@ class CollapsePlan:
     masks: dict[Variable, Mask] = field(default_factory=dict)
 
 
-def plan_collapse(term: Variable, candidates: dict[Variable, Mask]) -> CollapsePlan:
-    """Which latents ``term`` can be enumerated with as stand-ins, and the collapse
+def plan_standins(term: Variable, candidates: dict[Variable, Mask]) -> StandinPlan:
+    """Which latents ``term`` can be enumerated with as stand-ins, and the squeeze
     masks that result.
 
     Parameters
@@ -92,13 +92,13 @@ def plan_collapse(term: Variable, candidates: dict[Variable, Mask]) -> CollapseP
     term : Variable
         A log-probability graph (unbatched).
     candidates : dict
-        Latent value variable -> collapse mask of its stand-in (see
+        Latent value variable -> squeeze mask of its stand-in (see
         :func:`latent_mask`). Latents of size one can be left out: their stand-in
         and full batch coincide.
 
     Returns
     -------
-    CollapsePlan
+    StandinPlan
         The largest set found of candidates in ``term``'s graph whose stand-ins,
         substituted together, keep the invariant of the module docstring up to
         ``term``.
@@ -108,24 +108,24 @@ def plan_collapse(term: Variable, candidates: dict[Variable, Mask]) -> CollapseP
     while accepted:
         refused, masks = _propagate(term, {value: candidates[value] for value in accepted})
         if not refused:
-            return CollapsePlan(accepted, masks)
+            return StandinPlan(accepted, masks)
         accepted -= refused
-    return CollapsePlan()
+    return StandinPlan()
 
 
-def vectorize_collapsed(term: Variable, plan: CollapsePlan, replace: dict) -> Variable:
-    """``vectorize_graph(term, replace)``, keeping collapsed axes statically of length one.
+def vectorize_with_standins(term: Variable, plan: StandinPlan, replace: dict) -> Variable:
+    """``vectorize_graph(term, replace)``, keeping squeezed axes statically of length one.
 
     PyTensor broadcasts only axes whose static length is one (runtime broadcasting
     is an error, and rewrites such as ``local_useless_alloc`` assume it never
     happens). Some vectorized ops (a Blockwise fallback around advanced indexing)
-    lose static shapes, so each collapsed output is pinned back to length one with
+    lose static shapes, so each squeezed output is pinned back to length one with
     ``specify_shape``; the invariant guarantees that the runtime check holds.
 
     Parameters
     ----------
     term : Variable
-    plan : CollapsePlan
+    plan : StandinPlan
     replace : dict
         Latent value variable -> its batched value (the stand-in for those in
         ``plan.standins``, the full batch for the others).
@@ -142,7 +142,7 @@ def vectorize_collapsed(term: Variable, plan: CollapsePlan, replace: dict) -> Va
 
 
 def _pin(batched: Variable, mask: Mask | None) -> Variable:
-    """``batched`` with its collapsed axes (``mask``, after the batch axes) declared
+    """``batched`` with its squeezed axes (``mask``, after the batch axes) declared
     of length one, if its type does not say so already."""
     if not mask:
         return batched
@@ -157,7 +157,7 @@ def _pin(batched: Variable, mask: Mask | None) -> Variable:
 def _propagate(
     term: Variable, standins: dict[Variable, Mask]
 ) -> tuple[set[Variable], dict[Variable, Mask]]:
-    """Propagate collapse masks to ``term``.
+    """Propagate squeeze masks to ``term``.
 
     Returns the stand-ins that reach the first refusing op (empty when none
     refuses) and the masks found. All the stand-ins feeding a refused input are
@@ -176,7 +176,7 @@ def _propagate(
         masks = [
             entry[0] if entry else _full_mask(inp) for inp, entry in zip(node.inputs, incoming)
         ]
-        out_masks = collapse_rule(node.op, node, masks)
+        out_masks = squeeze_rule(node.op, node, masks)
         if out_masks is None:
             return set(sources), {}
         for out, mask in zip(node.outputs, out_masks):
@@ -201,14 +201,14 @@ def _normalize(var: Variable, mask: Mask | None) -> Mask:
 
 
 def _broadcast(masks: list[Mask], shapes: list[tuple], runtime: bool = False) -> Mask | None:
-    """Collapse mask of the broadcast of right-aligned inputs (None: not exact).
+    """Squeeze mask of the broadcast of right-aligned inputs (None: not exact).
 
-    An axis is collapsed when every input is collapsed there or of static length
-    one. Otherwise some uncollapsed input gives the axis its length, in both
+    An axis is squeezed when every input is squeezed there or of static length
+    one. Otherwise some unsqueezed input gives the axis its length, in both
     substitutions alike: PyTensor broadcasts only axes of static length one, so an
     input of unknown static length has the full length at runtime. Where runtime
     broadcasting does happen (``runtime``: index arrays of advanced indexing, which
-    follow NumPy), an uncollapsed index of unknown length next to a collapsed one
+    follow NumPy), an unsqueezed index of unknown length next to a squeezed one
     leaves the result undecided, and None is returned.
     """
     ndim = max((len(m) for m in masks), default=0)
@@ -218,11 +218,11 @@ def _broadcast(masks: list[Mask], shapes: list[tuple], runtime: bool = False) ->
     ]
     result = []
     for axis in range(ndim):
-        collapsed = any(m[axis] for m, _ in padded)
+        squeezed = any(m[axis] for m, _ in padded)
         others = [s[axis] for m, s in padded if not m[axis]]
-        if collapsed and runtime and None in others:
+        if squeezed and runtime and None in others:
             return None
-        result.append(collapsed and all(length == 1 for length in others))
+        result.append(squeezed and all(length == 1 for length in others))
     return tuple(result)
 
 
@@ -230,17 +230,17 @@ def _broadcast(masks: list[Mask], shapes: list[tuple], runtime: bool = False) ->
 
 
 @singledispatch
-def collapse_rule(op, node: Apply, masks: list[Mask | None]) -> list[Mask] | None:
-    """Collapse masks of ``node``'s outputs, or None when the op does not commute with
-    broadcasting along its inputs' collapsed axes.
+def squeeze_rule(op, node: Apply, masks: list[Mask | None]) -> list[Mask] | None:
+    """Squeeze masks of ``node``'s outputs, or None when the op does not commute with
+    broadcasting along its inputs' squeezed axes.
 
-    Called only when some input is collapsed. Refusing is the default: an op earns
+    Called only when some input is squeezed. Refusing is the default: an op earns
     a rule only when it provably commutes with broadcasting.
     """
     return None
 
 
-@collapse_rule.register(Elemwise)
+@squeeze_rule.register(Elemwise)
 def _elemwise(op, node, masks):
     # f(broadcast(a), b) == broadcast(f(a, b)) elementwise: broadcasting only copies
     # entries, and an elementwise op maps each output entry from the entries at the
@@ -249,7 +249,7 @@ def _elemwise(op, node, masks):
     return [mask] * len(node.outputs)
 
 
-@collapse_rule.register(DimShuffle)
+@squeeze_rule.register(DimShuffle)
 def _dimshuffle(op, node, masks):
     # Transposing and adding axes move the copies along; dropping an axis is only
     # allowed on axes of length one, where no copy was made.
@@ -257,27 +257,27 @@ def _dimshuffle(op, node, masks):
     return [tuple(False if order == "x" else mask[order] for order in op.new_order)]
 
 
-@collapse_rule.register(CheckAndRaise)
+@squeeze_rule.register(CheckAndRaise)
 def _check(op, node, masks):
-    # The output is the first input; the conditions are scalars (never collapsed),
+    # The output is the first input; the conditions are scalars (never squeezed),
     # so they only decide whether to raise, identically in both substitutions.
     if any(any(m) for m in masks[1:] if m):
         return None
     return [masks[0]]
 
 
-@collapse_rule.register(Alloc)
+@squeeze_rule.register(Alloc)
 def _alloc(op, node, masks):
-    # Alloc broadcasts its value to the given shape: broadcasting a collapsed copy
+    # Alloc broadcasts its value to the given shape: broadcasting a squeezed copy
     # gives the full copy. The result has the requested (full) shape.
     if any(any(m) for m in masks[1:] if m):
         return None
     return [(False,) * node.outputs[0].type.ndim]
 
 
-@collapse_rule.register(CAReduce)
+@squeeze_rule.register(CAReduce)
 def _reduce(op, node, masks):
-    # Summing over a collapsed axis would drop a factor n, but max, min, all and
+    # Summing over a squeezed axis would drop a factor n, but max, min, all and
     # any of n identical copies equal that of one. Reductions over full axes act
     # on identical data in both substitutions and keep the other axes' copies.
     (mask,) = masks
@@ -287,11 +287,11 @@ def _reduce(op, node, masks):
     return [tuple(flag for a, flag in enumerate(mask) if a not in axes)]
 
 
-@collapse_rule.register(Blockwise)
+@squeeze_rule.register(Blockwise)
 def _blockwise(op, node, masks):
     # A Blockwise applies its core op independently to each batch entry and
     # broadcasts batch axes like an Elemwise; core axes are combined by the core op
-    # (a solve mixes a whole row), so they must not be collapsed.
+    # (a solve mixes a whole row), so they must not be squeezed.
     batch_ndim = op.batch_ndim(node)
     batch_masks, batch_shapes = [], []
     for inp, mask, sig in zip(node.inputs, masks, op.inputs_sig):
@@ -306,7 +306,7 @@ def _blockwise(op, node, masks):
     return [batch + (False,) * len(sig) for sig in op.outputs_sig]
 
 
-@collapse_rule.register(ExtractDiag)
+@squeeze_rule.register(ExtractDiag)
 def _extract_diag(op, node, masks):
     # The diagonal pairs entries of two axes; along the other axes it is applied
     # entry by entry, so copies there stay copies. It is appended as the last axis.
@@ -317,10 +317,10 @@ def _extract_diag(op, node, masks):
     return [kept + (False,)]
 
 
-@collapse_rule.register(Subtensor)
+@squeeze_rule.register(Subtensor)
 def _subtensor(op, node, masks):
     # Basic indexing of a full axis picks the same entries in both substitutions; a
-    # collapsed axis must be left whole (x[::-1] or x[1:] would index the copy).
+    # squeezed axis must be left whole (x[::-1] or x[1:] would index the copy).
     mask = masks[0]
     out = []
     for axis, flag in enumerate(mask):
@@ -333,21 +333,21 @@ def _subtensor(op, node, masks):
     return [tuple(out)]
 
 
-@collapse_rule.register(AdvancedSubtensor1)
+@squeeze_rule.register(AdvancedSubtensor1)
 def _take(op, node, masks):
     # x[idx]: gathering with a broadcast index gives the broadcast gather. The
-    # indexed array must be uncollapsed, since its indexed axis is looked up.
+    # indexed array must be unsqueezed, since its indexed axis is looked up.
     x_mask, idx_mask = masks
     if any(x_mask):
         return None
     return [idx_mask[:1] + (False,) * (node.outputs[0].type.ndim - 1)]
 
 
-@collapse_rule.register(AdvancedSubtensor)
+@squeeze_rule.register(AdvancedSubtensor)
 def _advanced_subtensor(op, node, masks):
     # x[i1, :, ...]: integer index arrays are broadcast together (like an Elemwise)
-    # and gathered, so collapsed indices give a broadcast gather. The indexed array
-    # must be uncollapsed; boolean masks (nonzero) and newaxis are refused.
+    # and gathered, so squeezed indices give a broadcast gather. The indexed array
+    # must be unsqueezed; boolean masks (nonzero) and newaxis are refused.
     x, *indices = node.inputs
     if any(masks[0]):
         return None
