@@ -24,6 +24,7 @@ from pytensor.tensor.variable import TensorConstant
 
 from pm_em.chains import ChainSpec, chain_spec, is_markov_chain
 from pm_em.compile import evaluate_once
+from pm_em.connectivity import connected_labels
 from pm_em.data import recording_reads
 from pm_em.dependence import build_owner_graphs
 from pm_em.errors import UnsupportedModelError
@@ -462,22 +463,11 @@ def _attach_dependence(model, terms, latents, point, chains) -> None:
 
 def _components(latents: list[LatentSpec], terms: list[Term], chains) -> list[Component]:
     by_name = {lat.name: lat for lat in latents}
-    parent = {lat.name: lat.name for lat in latents}
-
-    def find(name):
-        while parent[name] != name:
-            parent[name] = parent[parent[name]]
-            name = parent[name]
-        return name
-
-    for t in terms:
-        names = sorted(t.latents)
-        for other in names[1:]:
-            parent[find(other)] = find(names[0])
-
-    members: dict[str, list[LatentSpec]] = {}
-    for lat in latents:
-        members.setdefault(find(lat.name), []).append(lat)
+    index = {lat.name: i for i, lat in enumerate(latents)}
+    labels = connected_labels(len(latents), ([index[n] for n in sorted(t.latents)] for t in terms))
+    members: dict[int, list[LatentSpec]] = {}
+    for lat, label in zip(latents, labels):
+        members.setdefault(int(label), []).append(lat)
 
     components = []
     for group_latents in members.values():

@@ -90,13 +90,7 @@ class EM:
     ):
         #: The compiled routine (:class:`pm_em.routine.Routine`): the same steps on
         #: value-variable arrays, as the fit loop runs them.
-        self.routine = routine = Routine(
-            model,
-            latent_vars=latent_vars,
-            compile_kwargs=compile_kwargs,
-            backend=backend,
-            closed_form=closed_form,
-        )
+        self.routine = routine = Routine(model, latent_vars, compile_kwargs, backend, closed_form)
         #: The model as given; ``model`` is the one EM runs on: the same, or a copy
         #: with the labels of observed mixture distributions written out.
         self.user_model = routine.user_model

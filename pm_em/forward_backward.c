@@ -73,29 +73,29 @@ static double pmem_hmm_normalize(npy_intp K, double* v, double* prob)
 /* Per transition column k: col_max[k] = max_j log P[j, k] and
    col_scaled[j, k] = exp(log P[j, k] - col_max[k]); per row j likewise row_max and
    row_scaled. An all -inf column (row) gets max -inf and scaled entries 0. */
+static void pmem_hmm_scale_lines(npy_intp K, const double* log_trans, npy_intp line_stride,
+                                 npy_intp entry_stride, double* line_max, double* scaled)
+{
+    for (npy_intp l = 0; l < K; ++l) {
+        double m = -INFINITY;
+        for (npy_intp e = 0; e < K; ++e) {
+            const double v = log_trans[l * line_stride + e * entry_stride];
+            if (v > m) m = v;
+        }
+        line_max[l] = m;
+        for (npy_intp e = 0; e < K; ++e) {
+            const npy_intp i = l * line_stride + e * entry_stride;
+            scaled[i] = (m == -INFINITY) ? 0.0 : exp(log_trans[i] - m);
+        }
+    }
+}
+
 static void pmem_hmm_scale_transition(npy_intp K, const double* log_trans, double* col_max,
                                       double* col_scaled, double* row_max, double* row_scaled)
 {
-    for (npy_intp k = 0; k < K; ++k) {
-        double m = -INFINITY;
-        for (npy_intp j = 0; j < K; ++j) {
-            if (log_trans[j * K + k] > m) m = log_trans[j * K + k];
-        }
-        col_max[k] = m;
-        for (npy_intp j = 0; j < K; ++j) {
-            col_scaled[j * K + k] = (m == -INFINITY) ? 0.0 : exp(log_trans[j * K + k] - m);
-        }
-    }
-    for (npy_intp j = 0; j < K; ++j) {
-        double m = -INFINITY;
-        for (npy_intp k = 0; k < K; ++k) {
-            if (log_trans[j * K + k] > m) m = log_trans[j * K + k];
-        }
-        row_max[j] = m;
-        for (npy_intp k = 0; k < K; ++k) {
-            row_scaled[j * K + k] = (m == -INFINITY) ? 0.0 : exp(log_trans[j * K + k] - m);
-        }
-    }
+    /* Column k holds entries j * K + k; row j holds j * K + k. */
+    pmem_hmm_scale_lines(K, log_trans, 1, K, col_max, col_scaled);
+    pmem_hmm_scale_lines(K, log_trans, K, 1, row_max, row_scaled);
 }
 
 /* Normalized forward recursion of one sequence. Writes, per step t,
@@ -498,6 +498,20 @@ static int pmem_hmm_close(pmem_hmm_inputs* in, int failed)
 
 #define PMEM_HMM_DATA(a) ((const double*)PyArray_DATA(a))
 
+/* Run a batch driver call without the GIL unless `failed`; a nonzero status is an
+   allocation failure. */
+#define PMEM_HMM_RUN(failed, call)                  \
+    if (!(failed)) {                                \
+        int pmem_status;                            \
+        Py_BEGIN_ALLOW_THREADS                      \
+        pmem_status = (call);                       \
+        Py_END_ALLOW_THREADS                        \
+        if (pmem_status != 0) {                     \
+            PyErr_NoMemory();                       \
+            (failed) = 1;                           \
+        }                                           \
+    }
+
 static int pmem_hmm_forward_backward_op(PyArrayObject* log_emit, PyArrayObject* log_trans,
                                         PyArrayObject* log_init, PyArrayObject** log_gamma,
                                         PyArrayObject** counts,
@@ -513,19 +527,10 @@ static int pmem_hmm_forward_backward_op(PyArrayObject* log_emit, PyArrayObject* 
                  || pmem_hmm_prepare_output(counts, 3, count_dims, NPY_FLOAT64)
                  || pmem_hmm_prepare_output(log_likelihood, 1, ll_dims, NPY_FLOAT64);
     }
-    if (!failed) {
-        int status;
-        Py_BEGIN_ALLOW_THREADS
-        status = pmem_hmm_forward_backward_batch(
+    PMEM_HMM_RUN(failed, pmem_hmm_forward_backward_batch(
             in.B, in.T, in.K, PMEM_HMM_DATA(in.emit), PMEM_HMM_DATA(in.trans),
             PMEM_HMM_DATA(in.init), (double*)PyArray_DATA(*log_gamma),
-            (double*)PyArray_DATA(*counts), (double*)PyArray_DATA(*log_likelihood));
-        Py_END_ALLOW_THREADS
-        if (status != 0) {
-            PyErr_NoMemory();
-            failed = 1;
-        }
-    }
+            (double*)PyArray_DATA(*counts), (double*)PyArray_DATA(*log_likelihood)));
     return pmem_hmm_close(&in, failed);
 }
 
@@ -538,18 +543,9 @@ static int pmem_hmm_forward_filter_op(PyArrayObject* log_emit, PyArrayObject* lo
         npy_intp dims[3] = {in.B, in.T, in.K};
         failed = pmem_hmm_prepare_output(log_predictive, 3, dims, NPY_FLOAT64);
     }
-    if (!failed) {
-        int status;
-        Py_BEGIN_ALLOW_THREADS
-        status = pmem_hmm_forward_filter_batch(
+    PMEM_HMM_RUN(failed, pmem_hmm_forward_filter_batch(
             in.B, in.T, in.K, PMEM_HMM_DATA(in.emit), PMEM_HMM_DATA(in.trans),
-            PMEM_HMM_DATA(in.init), (double*)PyArray_DATA(*log_predictive));
-        Py_END_ALLOW_THREADS
-        if (status != 0) {
-            PyErr_NoMemory();
-            failed = 1;
-        }
-    }
+            PMEM_HMM_DATA(in.init), (double*)PyArray_DATA(*log_predictive)));
     return pmem_hmm_close(&in, failed);
 }
 
@@ -565,19 +561,10 @@ static int pmem_hmm_viterbi_op(PyArrayObject* log_emit, PyArrayObject* log_trans
         failed = pmem_hmm_prepare_output(path, 2, path_dims, NPY_INT64)
                  || pmem_hmm_prepare_output(log_joint, 1, joint_dims, NPY_FLOAT64);
     }
-    if (!failed) {
-        int status;
-        Py_BEGIN_ALLOW_THREADS
-        status = pmem_hmm_viterbi_batch(
+    PMEM_HMM_RUN(failed, pmem_hmm_viterbi_batch(
             in.B, in.T, in.K, PMEM_HMM_DATA(in.emit), PMEM_HMM_DATA(in.trans),
             PMEM_HMM_DATA(in.init), (npy_int64*)PyArray_DATA(*path),
-            (double*)PyArray_DATA(*log_joint));
-        Py_END_ALLOW_THREADS
-        if (status != 0) {
-            PyErr_NoMemory();
-            failed = 1;
-        }
-    }
+            (double*)PyArray_DATA(*log_joint)));
     return pmem_hmm_close(&in, failed);
 }
 

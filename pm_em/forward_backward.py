@@ -229,9 +229,17 @@ class _HiddenMarkovOp(ExternalCOp):
     __props__ = ()
     #: The Op's entry point in ``forward_backward.c``.
     c_function: str
+    #: Its NumPy implementation, the fallback without a C compiler: the inputs ->
+    #: a tuple of the outputs.
+    numpy_function: staticmethod
 
     def __init__(self):
         super().__init__(_C_SOURCE, self.c_function)
+
+    def perform(self, node, inputs, output_storage):
+        check_chain_shapes(*inputs)
+        for storage, value in zip(output_storage, self.numpy_function(*inputs)):
+            storage[0] = value
 
     def _input_variables(self, log_emission, log_transition, log_initial):
         """The inputs as float64 tensors, their ranks and static shapes checked; and the
@@ -277,6 +285,7 @@ class ForwardBackward(_HiddenMarkovOp):
     log_likelihood)``; see :func:`forward_backward`."""
 
     c_function = "pmem_hmm_forward_backward_op"
+    numpy_function = staticmethod(_forward_backward_numpy)
 
     def make_node(self, log_emission, log_transition, log_initial):
         inputs, (B, T, K) = self._input_variables(log_emission, log_transition, log_initial)
@@ -286,11 +295,6 @@ class ForwardBackward(_HiddenMarkovOp):
             pt.tensor(dtype="float64", shape=(B,)),
         ]
         return Apply(self, inputs, outputs)
-
-    def perform(self, node, inputs, output_storage):
-        check_chain_shapes(*inputs)
-        for storage, value in zip(output_storage, _forward_backward_numpy(*inputs)):
-            storage[0] = value
 
     def infer_shape(self, fgraph, node, input_shapes):
         emission_shape, transition_shape, _ = input_shapes
@@ -331,14 +335,11 @@ class ForwardFilter(_HiddenMarkovOp):
     :func:`forward_filter`."""
 
     c_function = "pmem_hmm_forward_filter_op"
+    numpy_function = staticmethod(lambda *inputs: (_forward_filter_numpy(*inputs),))
 
     def make_node(self, log_emission, log_transition, log_initial):
         inputs, (B, T, K) = self._input_variables(log_emission, log_transition, log_initial)
         return Apply(self, inputs, [pt.tensor(dtype="float64", shape=(B, T, K))])
-
-    def perform(self, node, inputs, output_storage):
-        check_chain_shapes(*inputs)
-        output_storage[0][0] = _forward_filter_numpy(*inputs)
 
     def infer_shape(self, fgraph, node, input_shapes):
         return [input_shapes[0]]
@@ -356,16 +357,12 @@ class Viterbi(_HiddenMarkovOp):
     """Most probable state sequences of a batch of chains; see :func:`viterbi`."""
 
     c_function = "pmem_hmm_viterbi_op"
+    numpy_function = staticmethod(_viterbi_numpy)
 
     def make_node(self, log_emission, log_transition, log_initial):
         inputs, (B, T, _) = self._input_variables(log_emission, log_transition, log_initial)
         outputs = [pt.tensor(dtype="int64", shape=(B, T)), pt.tensor(dtype="float64", shape=(B,))]
         return Apply(self, inputs, outputs)
-
-    def perform(self, node, inputs, output_storage):
-        check_chain_shapes(*inputs)
-        for storage, value in zip(output_storage, _viterbi_numpy(*inputs)):
-            storage[0] = value
 
     def infer_shape(self, fgraph, node, input_shapes):
         emission_shape = input_shapes[0]
@@ -473,7 +470,8 @@ def viterbi(log_emission, log_transition, log_initial) -> tuple[Variable, Variab
     Parameters
     ----------
     log_emission, log_transition, log_initial : tensor_like
-        As in :func:`forward_backward`.
+        The chains' emission, transition and initial log-probabilities, shaped as
+        :func:`forward_backward` takes them.
 
     Returns
     -------

@@ -126,11 +126,11 @@ def plot_compare(
     mcmc_idata: az.InferenceData,
     var_names: str | Sequence[str] | None = None,
     *,
+    ax=None,
     model: pm.Model | None = None,
     component_dims: Mapping[str, str | Sequence[str]] | None = None,
     hdi_prob: float = 0.94,
     undo_label_switching: bool = True,
-    ax=None,
     **plot_kwargs,
 ):
     """Each parameter's MCMC posterior with the EM estimate marked.
@@ -142,10 +142,12 @@ def plot_compare(
 
     Parameters
     ----------
-    em_idata, mcmc_idata, var_names, model, component_dims, hdi_prob, undo_label_switching
+    em_idata, mcmc_idata, var_names
         As in :func:`pm_em.compare`.
     ax : array of matplotlib.axes.Axes, optional
         Passed to ``az.plot_posterior``.
+    model, component_dims, hdi_prob, undo_label_switching
+        As in :func:`pm_em.compare`.
     **plot_kwargs
         Passed to ``az.plot_posterior`` (e.g. ``figsize``, ``textsize``).
 

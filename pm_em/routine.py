@@ -87,16 +87,9 @@ class Routine:
 
     Parameters
     ----------
-    model : pm.Model, optional
-        The model; by default the one of the ``with`` context.
-    latent_vars : list of str, optional
-        Names of the latents to enumerate; by default every discrete free variable.
-    compile_kwargs : dict, optional
-        Passed to :func:`pytensor.function`.
-    backend : {"c", "jax"}, optional
-        What compiles the routine (:func:`pm_em.compile.resolve_backend`).
-    closed_form : bool, default True
-        Update in closed form every parameter whose pattern is recognized.
+    model, latent_vars, compile_kwargs, backend, closed_form
+        As in :class:`pm_em.EM`, which builds the routine and keeps it in the cache
+        of compiled routines.
 
     Raises
     ------
@@ -104,15 +97,7 @@ class Routine:
         When a latent cannot be enumerated exactly; the message says why and what to do.
     """
 
-    def __init__(
-        self,
-        model=None,
-        *,
-        latent_vars=None,
-        compile_kwargs=None,
-        backend=None,
-        closed_form=True,
-    ):
+    def __init__(self, model, latent_vars, compile_kwargs, backend, closed_form):
         #: The backend compiling every function of the routine (:mod:`pm_em.compile`).
         self.backend = resolve_backend(backend, compile_kwargs)
         #: The model as given; ``model`` is the one EM runs on: the same, or a copy

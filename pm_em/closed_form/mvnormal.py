@@ -39,6 +39,7 @@ from pytensor.tensor.subtensor import AdvancedSubtensor, AdvancedSubtensor1
 from pm_em.closed_form.base import ClosedFormUpdate, finite
 from pm_em.closed_form.priors import prior_family
 from pm_em.compile import evaluate_once
+from pm_em.connectivity import connected_labels
 from pm_em.initial_point import model_initial_point
 
 __all__ = ["mvnormal_covariance", "mvnormal_mean"]
@@ -251,30 +252,10 @@ def _weighted_mean_groups(uses, size):
 def _blocks(size, rows):
     """Connected blocks of the elements linked by ``rows``: each element's block and
     position in it, and the largest block size."""
-    parent = list(range(size))
-
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for row in rows:
-        row = [int(i) for i in row if i >= 0]
-        for i in row[1:]:
-            a, b = find(row[0]), find(i)
-            if a != b:
-                parent[b] = a
-    roots = {}
-    block = np.empty(size, dtype=np.int64)
+    block = connected_labels(size, rows)
     position = np.empty(size, dtype=np.int64)
-    counts = []
+    counts = [0] * (int(block.max()) + 1 if size else 0)
     for i in range(size):
-        r = find(i)
-        if r not in roots:
-            roots[r] = len(roots)
-            counts.append(0)
-        block[i] = roots[r]
         position[i] = counts[block[i]]
         counts[block[i]] += 1
     return block, position, max(counts)

@@ -62,42 +62,45 @@ def _normalized_rows(counts, concentration, current):
     return pt.switch(proper, pt.maximum(new, np.finfo(current.dtype).tiny), current)
 
 
+def _dirichlet_rows_update(ctx, param, expected_counts, label) -> ClosedFormUpdate | None:
+    """The Dirichlet posterior mode of ``param``'s rows from the expected counts of
+    every chain using it (``expected_counts(use)``, None when a use does not fit)."""
+    concentration = _dirichlet_concentration(ctx, param)
+    users = ctx.users(param)
+    if concentration is None or not users:
+        return None
+    counts = pt.zeros(param.shape)
+    for term in users:
+        use = ctx.chain_use(term)
+        per_param = None if use is None else expected_counts(use)
+        if per_param is None:
+            return None
+        counts = counts + per_param
+    new = _normalized_rows(counts, concentration, ctx.constrained(param))
+    return ClosedFormUpdate([param], [ctx.set_value(param, new)], label)
+
+
 def markov_transitions(ctx, param) -> ClosedFormUpdate | None:
     """Closed-form update of a Dirichlet-distributed transition matrix used as the
     ``P`` of Markov-chain latents (and nowhere else)."""
     if len(param.shape) < 2 or param.shape[-1] != param.shape[-2]:
         return None
-    concentration = _dirichlet_concentration(ctx, param)
-    users = ctx.users(param)
-    if concentration is None or not users:
-        return None
-    counts = pt.zeros(param.shape)
-    for term in users:
-        use = ctx.chain_use(term)
-        if use is None or use.chain.transition is not param.rv:
+
+    def expected_counts(use):
+        if use.chain.transition is not param.rv:
             return None
         if param.value in ancestors([use.chain.log_initial]):
             return None  # also in the initial distribution: Q is not per row
-        per_param = _to_param_shape(use.transition_counts, param, use.chain.n_sequences)
-        if per_param is None:
-            return None
-        counts = counts + per_param
-    new = _normalized_rows(counts, concentration, ctx.constrained(param))
-    return ClosedFormUpdate([param], [ctx.set_value(param, new)], "markov transitions")
+        return _to_param_shape(use.transition_counts, param, use.chain.n_sequences)
+
+    return _dirichlet_rows_update(ctx, param, expected_counts, "markov transitions")
 
 
 def markov_initial(ctx, param) -> ClosedFormUpdate | None:
     """Closed-form update of a Dirichlet-distributed probability vector used as the
     ``p`` of Markov chains' ``init_dist=Categorical.dist(p=...)`` (and nowhere else)."""
-    concentration = _dirichlet_concentration(ctx, param)
-    users = ctx.users(param)
-    if concentration is None or not users:
-        return None
-    counts = pt.zeros(param.shape)
-    for term in users:
-        use = ctx.chain_use(term)
-        if use is None:
-            return None
+
+    def expected_counts(use):
         initial = use.chain.initial_dist
         if not isinstance(initial.owner.op, CategoricalRV):
             return None
@@ -105,9 +108,7 @@ def markov_initial(ctx, param) -> ClosedFormUpdate | None:
             return None
         if param.value in ancestors([use.chain.log_transition]):
             return None  # also in the transition matrix: Q is not this alone
-        per_param = _to_param_shape(pt.exp(use.log_initial_weights), param, use.chain.n_sequences)
-        if per_param is None:
-            return None
-        counts = counts + per_param
-    new = _normalized_rows(counts, concentration, ctx.constrained(param))
-    return ClosedFormUpdate([param], [ctx.set_value(param, new)], "markov initial")
+        weights = pt.exp(use.log_initial_weights)
+        return _to_param_shape(weights, param, use.chain.n_sequences)
+
+    return _dirichlet_rows_update(ctx, param, expected_counts, "markov initial")
