@@ -63,11 +63,11 @@ def _pm_em_fit(model, start, accelerate, args, switch=None):
     """``find_MAP`` from ``start`` (every parameter given, so ``init`` plays no part);
     ``switch`` sets ``accelerate="auto"``'s switch point for this call."""
     import pm_em
-    import pm_em.loop
+    import pm_em.fit.loop
 
-    default = pm_em.loop.AUTO_SQUAREM_AFTER
+    default = pm_em.fit.loop.AUTO_SQUAREM_AFTER
     if switch is not None:
-        pm_em.loop.AUTO_SQUAREM_AFTER = switch
+        pm_em.fit.loop.AUTO_SQUAREM_AFTER = switch
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -84,7 +84,7 @@ def _pm_em_fit(model, start, accelerate, args, switch=None):
             )
             seconds = time.perf_counter() - began
     finally:
-        pm_em.loop.AUTO_SQUAREM_AFTER = default
+        pm_em.fit.loop.AUTO_SQUAREM_AFTER = default
     stats = idata.em_stats
     params = {name: idata.posterior[name].values[0, 0] for name in ("w", "mu", "sigma")}
     return seconds, stats, params, tuple(sorted({str(w.message)[:120] for w in caught}))
@@ -109,8 +109,8 @@ def _sklearn_fit(x, options):
 def measure_k5(args) -> tuple[list[Row], dict]:
     """Part 1: every method on the K = 5 mixture from one k-means start."""
     import pm_em
-    import pm_em.loop
-    from pm_em.starts import start_points
+    import pm_em.fit.loop
+    from pm_em.fit.starts import start_points
 
     case = CASES["gmm5"]
     x = case.simulate(args.n, args.seed)
@@ -148,7 +148,7 @@ def measure_k5(args) -> tuple[list[Row], dict]:
     own = {"n_components": 5, "tol": args.tol, "max_iter": args.max_iter, "random_state": 0}
     plans = [("pm_em default (auto)", "auto", None)]
     plans += [("pm_em plain EM (None)", None, None), ("pm_em SQUAREM", "squarem", None)]
-    default = pm_em.loop.AUTO_SQUAREM_AFTER
+    default = pm_em.fit.loop.AUTO_SQUAREM_AFTER
     plans += [(f"pm_em auto, switch after {s}", "auto", s) for s in args.switch if s != default]
     plans += [
         ("sklearn, same start", "sklearn", same_start),
@@ -204,7 +204,7 @@ def measure_k5(args) -> tuple[list[Row], dict]:
 def measure_switch(args) -> list[dict]:
     """Part 2: E-steps on the fast 1-D two-component mixture for each switch point."""
     import pm_em
-    import pm_em.loop
+    import pm_em.fit.loop
 
     case = CASES["gmm1d"]
     x = case.simulate(args.fast_n, args.seed)
@@ -219,14 +219,14 @@ def measure_switch(args) -> list[dict]:
         settings = [("plain", None, None), ("squarem", "squarem", None)]
         settings += [(f"auto {s}", "auto", s) for s in args.switch]
         for name, accelerate, switch in settings:
-            default = pm_em.loop.AUTO_SQUAREM_AFTER
-            pm_em.loop.AUTO_SQUAREM_AFTER = switch if switch is not None else default
+            default = pm_em.fit.loop.AUTO_SQUAREM_AFTER
+            pm_em.fit.loop.AUTO_SQUAREM_AFTER = switch if switch is not None else default
             try:
                 _, history = em.run(
                     start, tol=args.tol, max_iter=args.max_iter, accelerate=accelerate
                 )
             finally:
-                pm_em.loop.AUTO_SQUAREM_AFTER = default
+                pm_em.fit.loop.AUTO_SQUAREM_AFTER = default
             row[name] = (history.n_iter, history.n_e_steps, history.logp[-1])
         out.append(row)
     return out

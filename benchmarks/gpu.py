@@ -10,7 +10,7 @@ Fits the 1-D two-component mixture and the 3-state Gaussian HMM (``cases.py``) w
 iteration of the warm fit. When JAX sees no GPU it says so and exits 0, so the
 script can run anywhere. On a GPU the HMM's forward-backward takes its
 parallel-in-time form (``jax.lax.associative_scan``) for chains of at least
-``pm_em.forward_backward_jax.PARALLEL_MIN_STEPS`` steps.
+``pm_em.estep.forward_backward_jax.PARALLEL_MIN_STEPS`` steps.
 """
 
 from __future__ import annotations

@@ -146,8 +146,8 @@ def measure(fn: Callable[[], Any]) -> tuple[Any, dict[str, float | None]]:
 def worker(key: str, n: int, seed: int, tol: float, max_iter: int) -> dict[str, Any]:
     """Measure the four phases of one case in this (fresh) process."""
     import pm_em
-    from pm_em.inference_data import build_inference_data
-    from pm_em.loop import run_em
+    from pm_em.fit.loop import run_em
+    from pm_em.results.inference_data import build_inference_data
 
     warnings.simplefilter("ignore")
     spec = SPECS[key]

@@ -32,8 +32,8 @@ import pymc as pm  # noqa: E402
 import pymc_extras as pmx  # noqa: E402
 
 import pm_em  # noqa: E402
-from pm_em.compare import compare  # noqa: E402
-from pm_em.plots import plot_compare  # noqa: E402
+from pm_em.results.compare import compare  # noqa: E402
+from pm_em.results.plots import plot_compare  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PLOT_PATH = HERE / "em_vs_mcmc.png"

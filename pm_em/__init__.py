@@ -1,17 +1,17 @@
 """pm_em: EM for the MAP of PyMC models with finite discrete latent variables."""
 
 from pm_em.api import find_MAP
-from pm_em.compare import compare, compare_models, relabel
-from pm_em.em import EM
 from pm_em.errors import (
     DegenerateSolutionWarning,
     EMConvergenceWarning,
     MultimodalWarning,
     UnsupportedModelError,
 )
-from pm_em.laplace import NonPositiveCurvatureError, fit_laplace
-from pm_em.plots import plot_compare, plot_convergence
-from pm_em.state import EMIteration
+from pm_em.fit.state import EMIteration
+from pm_em.results.compare import compare, compare_models, relabel
+from pm_em.results.laplace import NonPositiveCurvatureError, fit_laplace
+from pm_em.results.plots import plot_compare, plot_convergence
+from pm_em.routine.em import EM
 
 __all__ = [
     "EM",

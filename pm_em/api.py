@@ -17,14 +17,14 @@ from pm_em.diagnostics import (
     explain_nonfinite_logp,
     model_or_context,
 )
-from pm_em.em import EM, cached_routine
 from pm_em.errors import MultimodalWarning
-from pm_em.fit_result import fit_result
-from pm_em.inference_data import build_inference_data
-from pm_em.laplace import laplace_idata
-from pm_em.loop import ACCELERATIONS, logp_rounding, run_starts
-from pm_em.progress import progress_reporter
-from pm_em.starts import resolve_init, start_points
+from pm_em.fit.loop import ACCELERATIONS, logp_rounding, run_starts
+from pm_em.fit.progress import progress_reporter
+from pm_em.fit.starts import resolve_init, start_points
+from pm_em.results.fit_result import fit_result
+from pm_em.results.inference_data import build_inference_data
+from pm_em.results.laplace import laplace_idata
+from pm_em.routine.em import EM, cached_routine
 
 # Two converged starts are at the same mode when their final log-posteriors differ by
 # less than this many times tol per observation: EM stops short of its mode by about
@@ -182,7 +182,7 @@ def find_MAP(
         EM steps whenever the log-posterior would decrease, so it stays monotone.
         One iteration is then a cycle of three EM maps. ``"auto"``: plain EM steps,
         and SQUAREM cycles once a start has taken
-        :data:`pm_em.loop.AUTO_SQUAREM_AFTER` (30) steps without converging: a fit
+        :data:`pm_em.fit.loop.AUTO_SQUAREM_AFTER` (30) steps without converging: a fit
         that converges quickly is exactly plain EM's, a slow one (a ridge of the
         likelihood) gets the acceleration. None: plain EM steps only.
     tol : float, default 1e-8

@@ -12,7 +12,7 @@ JAX compiles for static shapes only, so a JAX function sees the model's data
 through :func:`freeze_shapes`: every ``pm.Data`` container with its current shape
 made static, and every mutable dim length as its current value. The containers'
 values are still read at every call (``pm.set_data`` of the same shape needs no
-recompiling); a new shape makes the routine stale (:mod:`pm_em.data`), as with C.
+recompiling); a new shape makes the routine stale (:mod:`pm_em.model.data`), as with C.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pytensor.graph.traversal import graph_inputs
 from pytensor.tensor.random.type import RandomType
 from pytensor.tensor.type import TensorType
 
-from pm_em.data import note_reads
+from pm_em.model.data import note_reads
 
 __all__ = [
     "BACKENDS",
@@ -237,7 +237,7 @@ class JAXFunction(CompiledFunction):
     """
 
     def __init__(self, inputs, outputs, kwargs):
-        import pm_em.forward_backward_jax  # noqa: F401  (registers the HMM Ops with JAX)
+        import pm_em.estep.forward_backward_jax  # noqa: F401  (registers the HMM Ops with JAX)
         import pm_em.jax_dispatch  # noqa: F401  (Alloc keeps its dtype under JAX)
 
         self._inputs = list(inputs)

@@ -19,8 +19,8 @@ from pytensor.compile.sharedvalue import SharedVariable
 from pytensor.graph.traversal import graph_inputs
 from pytensor.tensor.variable import TensorConstant
 
-from pm_em.analysis import observed_data
 from pm_em.compile import evaluate_once
+from pm_em.model.analysis import observed_data
 
 __all__ = [
     "check_observed_data",

@@ -7,7 +7,7 @@ float64 array that gives way to any other float type it meets. So ``pt.zeros(n)`
 weak type), then met by a float32 constant, say ``pt.switch(mask, h, 0.0)`` (PyTensor
 stores the literal ``0.0`` as float32), is computed in float32 under JAX, although
 PyTensor's graph says float64 and the C backend computes float64. The closed-form
-MvNormal mean (:mod:`pm_em.closed_form.mvnormal`) builds its linear system this way,
+MvNormal mean (:mod:`pm_em.mstep.closed_form.mvnormal`) builds its linear system this way,
 and came out ~1e-7 off under JAX.
 
 Importing this module wraps PyTensor's ``Alloc`` dispatch so that its result is cast

@@ -13,7 +13,7 @@ from loading import load_example, load_reference
 
 import pm_em
 from pm_em.compile import default_backend, resolve_backend
-from pm_em.em import cached_routine
+from pm_em.routine.em import cached_routine
 
 DEFAULT = default_backend()
 #: The backend this suite does not run by default: every family gets a fit on it.
@@ -141,7 +141,7 @@ def test_laplace_conjugate_mean_is_exact():
     np.testing.assert_allclose(idata.fit["mean_vector"].sel(rows="mu"), mean, rtol=1e-8)
     np.testing.assert_allclose(idata.fit["mu_se"], np.sqrt(1 / precision), rtol=1e-8)
     # fit_laplace on the result reuses the fit's routine (its backend is recorded).
-    assert cached_routine(model, backend=OTHER) is pm_em.laplace._routine_for(
+    assert cached_routine(model, backend=OTHER) is pm_em.results.laplace._routine_for(
         model, idata.map, OTHER
     )
 

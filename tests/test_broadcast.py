@@ -24,8 +24,8 @@ from test_enumeration import brute_force
 
 import pm_em
 from pm_em.compile import evaluate_once
-from pm_em.dependence import build_owner_graphs
-from pm_em.rewrites import split_advanced_indexing
+from pm_em.estep.rewrites import split_advanced_indexing
+from pm_em.model.dependence import build_owner_graphs
 
 ref = load_reference("reference_em")
 

@@ -16,8 +16,8 @@ import pytest
 from scipy import optimize
 
 import pm_em
-from pm_em.loop import run_em
-from pm_em.mstep import join_flat
+from pm_em.fit.loop import run_em
+from pm_em.mstep.inputs import join_flat
 
 RNG = np.random.default_rng(42)
 N = 40
@@ -264,9 +264,9 @@ def transformed_location():
     ids=[*NUMERIC_CASES, "shared_location", "transformed_location"],
 )
 def test_unmatched_patterns_go_numeric(build, numeric_param):
-    from pm_em.analysis import analyze_model
-    from pm_em.closed_form import closed_form_updates
-    from pm_em.mstep import ResponsibilityInputs
+    from pm_em.model.analysis import analyze_model
+    from pm_em.mstep.closed_form import closed_form_updates
+    from pm_em.mstep.inputs import ResponsibilityInputs
 
     structure = analyze_model(build())
     inputs = ResponsibilityInputs.for_structure(structure)

@@ -19,7 +19,7 @@ import pytest
 from pytensor.graph.replace import graph_replace
 
 import pm_em
-from pm_em.loop import run_em
+from pm_em.fit.loop import run_em
 
 N = 60
 D = 2
@@ -471,9 +471,9 @@ def mean_inside_covariance():
     ids=["used_elsewhere", "halfflat_below_diagonal", "scaled_factor", "lkj", "mean_in_cov"],
 )
 def test_unmatched_patterns_go_numeric(build, numeric_params):
-    from pm_em.analysis import analyze_model
-    from pm_em.closed_form import closed_form_updates
-    from pm_em.mstep import ResponsibilityInputs
+    from pm_em.model.analysis import analyze_model
+    from pm_em.mstep.closed_form import closed_form_updates
+    from pm_em.mstep.inputs import ResponsibilityInputs
 
     structure = analyze_model(build())
     inputs = ResponsibilityInputs.for_structure(structure)

@@ -26,8 +26,8 @@ from scipy.special import entr  # noqa: E402
 from sklearn.mixture import GaussianMixture  # noqa: E402
 
 import pm_em  # noqa: E402
-from pm_em.compare import compare, compare_models, relabel  # noqa: E402
-from pm_em.plots import plot_compare, plot_convergence  # noqa: E402
+from pm_em.results.compare import compare, compare_models, relabel  # noqa: E402
+from pm_em.results.plots import plot_compare, plot_convergence  # noqa: E402
 
 N_CHAINS, N_DRAWS = 2, 150
 TRUE_MU_3 = np.array([0.0, 4.0, 8.0])
@@ -480,7 +480,7 @@ def test_compare_uses_standard_errors_when_present(fits_1d, models_1d, shuffled_
 
 
 def laplace_layout(em_idata, se):
-    """An EM result laid out as pm_em.laplace.fit_laplace lays its output out: the MAP
+    """An EM result laid out as pm_em.results.laplace.fit_laplace lays its output out: the MAP
     in ``map``, draws from the approximation in ``posterior``, ``<name>_se`` in ``fit``."""
     draws = em_idata.posterior[["mu"]].isel(draw=[0, 0, 0]) + 100.0  # not the MAP
     fit = xr.Dataset({"mu_se": ("component", se)}, coords={"component": np.arange(3)})
@@ -557,7 +557,7 @@ def test_compare_models_ranks_as_sklearn(fits_1d, x_1d, criterion):
 
 def test_criteria_of_certain_and_impossible_responsibilities():
     """A responsibility of exactly 0 (log -inf) adds nothing to the entropy."""
-    from pm_em.criteria import model_selection_attrs
+    from pm_em.results.criteria import model_selection_attrs
 
     with np.errstate(divide="ignore"):
         log_resp = np.log(np.array([[1.0, 0.0], [0.5, 0.5], [0.2, 0.8]]))

@@ -23,11 +23,11 @@ from scipy import stats
 from scipy.special import logsumexp
 
 import pm_em
-from pm_em.analysis import analyze_model
-from pm_em.fit_result import most_probable
-from pm_em.pointwise import direct_pointwise, pointwise_loglik
-from pm_em.rewrites import local_matrix_b_solve
-from pm_em.standins import latent_mask, plan_standins, vectorize_with_standins
+from pm_em.estep.pointwise import direct_pointwise, pointwise_loglik
+from pm_em.estep.rewrites import local_matrix_b_solve
+from pm_em.estep.standins import latent_mask, plan_standins, vectorize_with_standins
+from pm_em.model.analysis import analyze_model
+from pm_em.results.fit_result import most_probable
 
 
 def brute_force(em, point):
@@ -130,7 +130,7 @@ def truncated_poisson_model():
 def scattered_observations_model():
     # Observations of some latent elements only, out of order, by two variables: each
     # element has at most one, so the pointwise log-likelihood is computed directly
-    # (pm_em.pointwise.direct_pointwise), through the owner indices.
+    # (pm_em.estep.pointwise.direct_pointwise), through the owner indices.
     with pm.Model() as model:
         w = pm.Dirichlet("w", np.ones(3))
         mu = pm.Normal("mu", 0, 5, shape=3)
@@ -206,7 +206,7 @@ def test_pointwise_loglik_sums_to_observed_loglik(routine):
 
 def test_direct_pointwise_matches_the_chain_rule_path(routine):
     # Where the pointwise log-likelihood is computed inside the compiled result
-    # function (pm_em.pointwise.direct_pointwise), it equals the general chain-rule
+    # function (pm_em.estep.pointwise.direct_pointwise), it equals the general chain-rule
     # computation on the per-configuration term tables.
     em = routine
     point = em.initial_point(random_seed=2)

@@ -80,7 +80,7 @@ def test_em_stats_monotone_and_converged(fitted):
 
 def test_map_is_a_stationary_point_of_em(model, fitted):
     _, idata = fitted
-    em = pm_em.em.cached_routine(model)
+    em = pm_em.routine.em.cached_routine(model)
     point = {name: idata.posterior[name].values[0, 0] for name in ("w", "mu", "sigma")}
     after = em.m_step(point, em.e_step(point))
     for name, value in point.items():
@@ -89,10 +89,10 @@ def test_map_is_a_stationary_point_of_em(model, fitted):
 
 
 def test_compiled_routine_is_reused(model, fitted):
-    first = pm_em.em.cached_routine(model)
+    first = pm_em.routine.em.cached_routine(model)
     with model:
         pm_em.find_MAP(random_seed=2, progressbar=False, max_iter=200, tol=1e-3)
-    assert pm_em.em.cached_routine(model) is first
+    assert pm_em.routine.em.cached_routine(model) is first
 
 
 def test_find_map_reuses_a_user_built_routine():
@@ -102,7 +102,7 @@ def test_find_map_reuses_a_user_built_routine():
         pm.Normal("x", mu[z], 1.0, observed=np.array([-1.0, 0.5, 2.0]))
     em = pm_em.EM(model)
     pm_em.find_MAP(model, random_seed=1, progressbar=False)
-    assert pm_em.em.cached_routine(model) is em
+    assert pm_em.routine.em.cached_routine(model) is em
 
 
 def test_initvals_are_checked(model):

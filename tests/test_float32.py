@@ -4,7 +4,7 @@ The model's value variables are then float32, while pm_em's own arithmetic (scip
 optimizer, SQUAREM, the starts) is in float64: every value is cast to the compiled
 graph's dtype as it enters it (:mod:`pm_em.compile`), log-densities are summed in
 float64, and the loop's rounding allowances follow float32's precision
-(:mod:`pm_em.precision`). Each fit is compared with the float64 fit of the same model
+(:mod:`pm_em.fit.precision`). Each fit is compared with the float64 fit of the same model
 from the same start, converged tightly (the mode itself), and must converge without
 any warning (warnings are errors in this suite).
 """
@@ -15,11 +15,11 @@ import pytensor
 import pytest
 
 import pm_em
-from pm_em.analysis import analyze_model
 from pm_em.compile import _cast
-from pm_em.em import cached_routine
-from pm_em.loop import _DECREASE_TOLERANCE, _ROUNDING
-from pm_em.precision import loop_tolerances
+from pm_em.fit.loop import _DECREASE_TOLERANCE, _ROUNDING
+from pm_em.fit.precision import loop_tolerances
+from pm_em.model.analysis import analyze_model
+from pm_em.routine.em import cached_routine
 
 N = 200
 # A float32 fit stops where its values have settled to ~64 eps32 (8e-6); it agrees

@@ -12,7 +12,7 @@ import pytest
 from pytensor.compile.mode import Mode
 from pytensor.gradient import NullTypeGradError
 
-from pm_em.forward_backward import (
+from pm_em.estep.forward_backward import (
     ForwardBackward,
     ForwardFilter,
     Viterbi,
@@ -35,7 +35,7 @@ def _compiled(request, inputs, outputs):
     if request.param == "c" and not pytensor.config.cxx:
         pytest.skip("no C compiler configured")
     if request.param.startswith("jax"):
-        jax_impl = pytest.importorskip("pm_em.forward_backward_jax")
+        jax_impl = pytest.importorskip("pm_em.estep.forward_backward_jax")
     fn = pytensor.function(inputs, outputs, mode=MODES[request.param])
 
     def call(*args):

@@ -17,10 +17,10 @@ from scipy import optimize, stats
 from scipy.special import expit, log_softmax, logsumexp
 
 import pm_em
-from pm_em.analysis import analyze_model
 from pm_em.compile import evaluate_once
-from pm_em.dependence import build_owner_graphs
 from pm_em.errors import UnsupportedModelError
+from pm_em.model.analysis import analyze_model
+from pm_em.model.dependence import build_owner_graphs
 
 # PyMC casts NaN-holding data to the likelihood's integer dtype before it masks the
 # NaNs out (pymc.model.core, make_obs_var): a harmless NumPy warning that users see too.

@@ -57,7 +57,7 @@ def test_callback_stops_early_with_the_point_it_saw(model, how):
     # The result is the point of the last iteration, with its log-posterior.
     np.testing.assert_array_equal(idata.posterior["mu"].values[0, 0], seen[-1].point["mu"])
     assert float(idata.em_stats["logp"][-1]) == seen[-1].logp
-    em = pm_em.em.cached_routine(model)
+    em = pm_em.routine.em.cached_routine(model)
     np.testing.assert_allclose(em.logp(seen[-1].point), seen[-1].logp, rtol=1e-12)
     # Monotone up to there.
     assert np.all(np.diff([info.logp for info in seen]) >= 0)
@@ -111,7 +111,7 @@ def test_ctrl_c_stops_within_an_iteration_with_the_best_point(model, caplog):
 
 
 def test_step_api_callback(model):
-    em = pm_em.em.cached_routine(model)
+    em = pm_em.routine.em.cached_routine(model)
     calls = []
 
     def callback(info):

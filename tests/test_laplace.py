@@ -16,13 +16,13 @@ import xarray as xr
 from pymc_extras.inference.laplace_approx.idata import make_unpacked_variable_names
 
 import pm_em
-from pm_em.em import cached_routine
-from pm_em.laplace import (
+from pm_em.results.laplace import (
     NonPositiveCurvatureError,
     fit_laplace,
     laplace_idata,
     log_density_derivatives,
 )
+from pm_em.routine.em import cached_routine
 
 N_MIX = 60
 DRAWS = 4000

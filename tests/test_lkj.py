@@ -21,7 +21,7 @@ from scipy import optimize
 from sklearn.datasets import load_iris
 
 import pm_em
-from pm_em.support import minimize_within_support, outside_support_as_inf
+from pm_em.routine.support import minimize_within_support, outside_support_as_inf
 
 OPTIONS = {"maxiter": 500, "ftol": 0.0, "gtol": 1e-10, "maxcor": 20}
 

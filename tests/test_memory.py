@@ -20,8 +20,8 @@ import pymc as pm
 import pytest
 
 import pm_em
-from pm_em.inference_data import build_inference_data
-from pm_em.loop import run_em
+from pm_em.fit.loop import run_em
+from pm_em.results.inference_data import build_inference_data
 
 N = 20_000
 K = 2

@@ -48,7 +48,7 @@ from pytensor.tensor.variable import TensorConstant
 from scipy.special import logsumexp
 
 import pm_em
-from pm_em.em import cached_routine
+from pm_em.routine.em import cached_routine
 
 # Hypothesis: reproducible examples (CI sees the same ones), no example database, no
 # deadline (the first call of a compiled function is slower than the others).

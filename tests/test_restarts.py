@@ -14,7 +14,7 @@ from loading import load_example
 from sklearn.cluster import KMeans
 
 import pm_em
-from pm_em.starts import kmeans_targets, start_points
+from pm_em.fit.starts import kmeans_targets, start_points
 
 TOL = 1e-10
 
@@ -60,7 +60,7 @@ def test_squarem_reaches_the_em_optimum_in_fewer_e_steps(case, request):
 
 def test_em_run_with_squarem(mixture):
     model, start = mixture
-    em = pm_em.em.cached_routine(model)
+    em = pm_em.routine.em.cached_routine(model)
     point, history = em.run(start, tol=TOL, accelerate="squarem")
     plain_point, plain_history = em.run(start, tol=TOL, accelerate=None)
     assert history.converged and plain_history.converged
@@ -94,7 +94,7 @@ def test_restarts_are_reproducible(mixture, restarted):
     np.testing.assert_array_equal(
         again.em_stats["restart_logp"].values, restarted.em_stats["restart_logp"].values
     )
-    em = pm_em.em.cached_routine(model)
+    em = pm_em.routine.em.cached_routine(model)
     first = start_points(em, "jitter", 3, random_seed=1)
     second = start_points(em, "jitter", 3, random_seed=1)
     for a, b in zip(first, second):
@@ -104,7 +104,7 @@ def test_restarts_are_reproducible(mixture, restarted):
 
 def test_kmeans_start_matches_kmeans(mixture):
     model, _ = mixture
-    em = pm_em.em.cached_routine(model)
+    em = pm_em.routine.em.cached_routine(model)
     (target,) = kmeans_targets(em)
     assert target.param == "mu" and target.n_clusters == 2
     (start,) = start_points(em, "kmeans", 1, random_seed=3)
@@ -127,7 +127,7 @@ def test_start_strategies_are_checked(mixture, zip_model):
         pm_em.find_MAP(model, n_init=0, progressbar=False)
     with pytest.raises(ValueError, match=r"init\['nu'\]"):
         pm_em.find_MAP(model, init={"nu": 1.0}, progressbar=False)
-    zip_em = pm_em.em.cached_routine(zip_model[0])
+    zip_em = pm_em.routine.em.cached_routine(zip_model[0])
     with pytest.raises(ValueError, match="init='kmeans' needs a location"):
         start_points(zip_em, "kmeans")
 
@@ -182,7 +182,7 @@ def test_collapsing_component_is_reported(spike_model):
         idata = pm_em.find_MAP(model, initvals=spike, progressbar=False)
     assert bool(idata.em_stats["restart_degenerate"][0])
     assert not bool(idata.em_stats["converged"])
-    em = pm_em.em.cached_routine(model)
+    em = pm_em.routine.em.cached_routine(model)
     with pytest.warns(pm_em.DegenerateSolutionWarning):
         _, history = em.run(spike, tol=TOL)
     assert history.collapse is not None and history.collapse.parameter == "sigma"
@@ -191,7 +191,7 @@ def test_collapsing_component_is_reported(spike_model):
 def test_restarts_skip_collapsed_starts(spike_model):
     model, spike = spike_model
     spread = {"w": np.array([0.5, 0.5]), "mu": np.array([-1.0, 1.0]), "sigma": np.ones(2)}
-    em = pm_em.em.cached_routine(model)
+    em = pm_em.routine.em.cached_routine(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", pm_em.DegenerateSolutionWarning)
         _, collapsed = em.run(spike, tol=TOL)
@@ -252,7 +252,7 @@ def test_auto_is_plain_em_on_fast_fits(mixture):
     model, start = mixture
     plain = pm_em.find_MAP(model, initvals=start, accelerate=None, progressbar=False)
     auto = pm_em.find_MAP(model, initvals=start, progressbar=False)
-    assert int(plain.em_stats["n_iter"]) <= pm_em.loop.AUTO_SQUAREM_AFTER
+    assert int(plain.em_stats["n_iter"]) <= pm_em.fit.loop.AUTO_SQUAREM_AFTER
     np.testing.assert_array_equal(auto.em_stats["logp"].values, plain.em_stats["logp"].values)
     for name in start:
         np.testing.assert_array_equal(auto.posterior[name].values, plain.posterior[name].values)
@@ -270,7 +270,7 @@ def test_auto_switches_to_squarem_on_a_ridge(ridge):
     _, plain = em.run(start, accelerate=None)
     point, auto = em.run(start)
     _, fast = em.run(start, accelerate="squarem")
-    after = pm_em.loop.AUTO_SQUAREM_AFTER
+    after = pm_em.fit.loop.AUTO_SQUAREM_AFTER
     assert (plain.squarem_from, auto.squarem_from, fast.squarem_from) == (None, after, 0)
     assert plain.converged and auto.converged and plain.n_iter > 4 * after
     assert plain.n_e_steps == plain.n_iter + 1

@@ -26,7 +26,7 @@ def far_model():
 
 
 def test_far_observations_have_exact_finite_responsibilities(far_model):
-    em = pm_em.em.cached_routine(far_model)
+    em = pm_em.routine.em.cached_routine(far_model)
     point = {"w": np.array([0.5, 0.5]), "mu": np.array([0.0, 2.5]), "sigma": np.ones(2)}
     log_resp = em.e_step(point)["z"]
     # With densities, both components give exp(-5e11) = 0 and 0/0: log space is exact.
@@ -129,7 +129,7 @@ def test_data_of_a_new_length_rebuilds_the_routine():
     start = {"mu": np.array([-1.0, 1.0])}
     options = {"initvals": start, "progressbar": False, "tol": 1e-12, "random_seed": 3}
     pm_em.find_MAP(model, **options)
-    before = pm_em.em.cached_routine(model)
+    before = pm_em.routine.em.cached_routine(model)
     with model:
         pm.set_data({"data": longer}, coords={"obs": np.arange(len(longer))})
     idata = pm_em.find_MAP(model, **options)

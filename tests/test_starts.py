@@ -17,8 +17,8 @@ from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 
 import pm_em
-from pm_em.analysis import analyze_model
-from pm_em.starts import kmeans_targets, start_points
+from pm_em.fit.starts import kmeans_targets, start_points
+from pm_em.model.analysis import analyze_model
 
 
 def _blobs(n_per=100, seed=0):
@@ -88,7 +88,7 @@ def test_mvnormal_location_is_a_kmeans_target(blobs, build):
 
 
 def test_kmeans_start_of_mvnormal_cov(mvnormal_cov, blobs):
-    em = pm_em.em.cached_routine(mvnormal_cov)
+    em = pm_em.routine.em.cached_routine(mvnormal_cov)
     (start,) = start_points(em, "kmeans", 1, random_seed=3)
     reference = KMeans(3, n_init=10, random_state=0).fit(blobs)
     np.testing.assert_allclose(

@@ -216,7 +216,7 @@ def test_bad_data_is_named_with_its_first_index(count_mixture, data, message):
         with pytest.raises(ValueError, match=message):
             pm_em.find_MAP(count_mixture, progressbar=False, random_seed=1)
         # The step-by-step API says the same.
-        em = pm_em.em.cached_routine(count_mixture)
+        em = pm_em.routine.em.cached_routine(count_mixture)
         with pytest.raises(ValueError, match=message):
             em.run(em.initial_point(random_seed=1))
     finally:

@@ -1,0 +1,2 @@
+"""The E-step's graphs: enumeration tables, stand-ins, forward-backward Ops, pointwise
+log-likelihood."""

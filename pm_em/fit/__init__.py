@@ -1,0 +1,1 @@
+"""Running EM: state, loop, SQUAREM, precision, degenerate solutions, starts, progress."""

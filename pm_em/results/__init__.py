@@ -1,0 +1,1 @@
+"""What a fit returns: InferenceData, criteria, Laplace, comparison with MCMC, plots."""
