@@ -40,7 +40,7 @@ AUTO_SQUAREM_AFTER = 30
 _DECREASE_TOLERANCE = 1e-8
 # Relative rounding of a log-posterior summed over the data. Both in float64: a
 # float32 model (floatX="float32") gets allowances scaled to its precision instead
-# (pm_em.precision).
+# (pm_em.fit.precision).
 _ROUNDING = 1e-13
 
 

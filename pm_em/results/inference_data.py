@@ -136,7 +136,7 @@ def build_inference_data(em, result, *, tol, max_iter, options=None) -> az.Infer
     """
     model = em.model
     posterior = _posterior(em, result.point, result.deterministics, result.labels, result.log_resp)
-    # AIC, BIC and ICL with scikit-learn's conventions (pm_em.criteria).
+    # AIC, BIC and ICL with scikit-learn's conventions (pm_em.results.criteria).
     posterior.attrs.update(
         model_selection_attrs(
             result.pointwise, (p.value_size for p in em.params), dict(result.log_resp)

@@ -505,24 +505,22 @@ def laplace_approximation(em: EM, point, *, jacobian: bool = True) -> LaplaceApp
     labels = compiled.labels
     em_mode = np.concatenate([np.asarray(v, dtype="float64").ravel() for v in em.to_values(point)])
     method = compiled.hessian_method
-    mode, hess, eigenvalues, eigenvectors, steps = _newton(
-        em,
-        lambda t: log_density_derivatives(em, t, jacobian=False),
-        em_mode,
-        labels,
-        method,
-        "the observed-data log-posterior",
-        "EM's point",
+
+    def newton(theta, with_jacobian, what, start):
+        def derivatives(t):
+            return log_density_derivatives(em, t, jacobian=with_jacobian)
+
+        return _newton(em, derivatives, theta, labels, method, what, start)
+
+    mode, hess, eigenvalues, eigenvectors, steps = newton(
+        em_mode, False, "the observed-data log-posterior", "EM's point"
     )
     standard_errors = _standard_errors(em, compiled, mode, eigenvalues, eigenvectors)
     mean = mode
     if jacobian and compiled.log_jacobian_derivatives is not None:
-        mean, hess, eigenvalues, eigenvectors, more_steps = _newton(
-            em,
-            lambda t: log_density_derivatives(em, t, jacobian=True),
+        mean, hess, eigenvalues, eigenvectors, more_steps = newton(
             mode,
-            labels,
-            method,
+            True,
             "the log-density of the unconstrained parameters (Jacobian included)",
             "the no-Jacobian mode",
         )

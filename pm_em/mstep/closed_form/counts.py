@@ -69,33 +69,42 @@ def _value_sums(ctx, uses, size):
     return total, count
 
 
-def poisson_rate(ctx, param) -> ClosedFormUpdate | None:
-    """Closed-form update of a Poisson rate (flat, Gamma or Exponential prior)."""
+def _gamma_rate(ctx, param, rv_type, posterior_mode, label, transform=None):
+    """The rate's posterior mode under its Gamma (or flat) prior, from the expected
+    sums of the values and counts of the ``rv_type`` terms using it."""
     prior = rate_prior(ctx, param)
     if prior is None or (prior[0] < 1).any():
         return None
-    uses = _uses(ctx, param, PoissonRV, 0)
+    uses = _uses(ctx, param, rv_type, 0, transform=transform)
     if uses is None:
         return None
     total, count = _value_sums(ctx, uses, int(param.value_size))
     alpha, beta = (pt.constant(v) for v in prior)
-    new = _keep_valid(ctx, param, (total + alpha - 1) / (count + beta))
-    return ClosedFormUpdate([param], [ctx.set_value(param, new)], "poisson rate")
+    new = _keep_valid(ctx, param, posterior_mode(total, count, alpha, beta))
+    return ClosedFormUpdate([param], [ctx.set_value(param, new)], label)
+
+
+def _poisson_mode(total, count, alpha, beta):
+    """The Gamma posterior mode of a Poisson rate: total events over exposure."""
+    return (total + alpha - 1) / (count + beta)
+
+
+def _exponential_mode(total, count, alpha, beta):
+    """The Gamma posterior mode of an Exponential rate: events over total time."""
+    return (count + alpha - 1) / (total + beta)
+
+
+def poisson_rate(ctx, param) -> ClosedFormUpdate | None:
+    """Closed-form update of a Poisson rate (flat, Gamma or Exponential prior)."""
+    return _gamma_rate(ctx, param, PoissonRV, _poisson_mode, "poisson rate")
 
 
 def exponential_rate(ctx, param) -> ClosedFormUpdate | None:
     """Closed-form update of an Exponential rate, ``Exponential(lam=rate[z])``."""
-    prior = rate_prior(ctx, param)
-    if prior is None or (prior[0] < 1).any():
-        return None
     # PyMC stores the scale, 1 / lam: the rate is its reciprocal.
-    uses = _uses(ctx, param, ExponentialRV, 0, transform=pt.reciprocal)
-    if uses is None:
-        return None
-    total, count = _value_sums(ctx, uses, int(param.value_size))
-    alpha, beta = (pt.constant(v) for v in prior)
-    new = _keep_valid(ctx, param, (count + alpha - 1) / (total + beta))
-    return ClosedFormUpdate([param], [ctx.set_value(param, new)], "exponential rate")
+    return _gamma_rate(
+        ctx, param, ExponentialRV, _exponential_mode, "exponential rate", pt.reciprocal
+    )
 
 
 def _probability_prior(ctx, param):

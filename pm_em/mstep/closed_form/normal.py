@@ -133,7 +133,7 @@ def normal_scale(ctx, param) -> ClosedFormUpdate | None:
         new = _exponential_prior_scale(pt.constant(1.0 / prior[0]), count, squares)
     current = ctx.constrained(param).ravel()
     # A scale of exactly 0 (a component on one point, no prior to stop it) is the
-    # maximizer: kept, so that the collapse is seen (pm_em.degenerate), not hidden.
+    # maximizer: kept, so that the collapse is seen (pm_em.fit.degenerate), not hidden.
     # An empty component (no count) leaves its scale undetermined: kept as it was.
     new = pt.switch((count > 0) & finite(new) & (new >= 0), new, current)
     return ClosedFormUpdate([param], [ctx.set_value(param, new)], "normal scale")
