@@ -9,7 +9,6 @@ import pymc as pm
 import pytensor
 import pytensor.tensor as pt
 import pytest
-from loading import load_example, load_reference
 
 import pm_em
 from pm_em.compile import default_backend, resolve_backend
@@ -36,7 +35,8 @@ def _function_modes(em):
 
 
 def test_mixture_matches_sklearn():
-    example = load_example("gaussian_mixture")
+    from examples import gaussian_mixture as example
+
     x = example.simulate_data(n=300)
     start = example.initial_values(x)
     model = example.build_model(x)
@@ -56,7 +56,8 @@ def test_mixture_matches_sklearn():
 
 def test_mvnormal_mixture_matches_sklearn():
     """The observation count is a shape here: JAX needs it static (freeze_shapes)."""
-    example = load_example("multivariate_mixture")
+    from examples import multivariate_mixture as example
+
     X = example.simulate_data(n=240)
     start, cov = example.kmeans_start(X)
     idata = pm_em.find_MAP(
@@ -76,8 +77,9 @@ def test_mvnormal_mixture_matches_sklearn():
 
 def test_hmm_matches_baum_welch():
     pytest.importorskip("pymc_extras")
-    example = load_example("hmm")
-    reference = load_reference("reference_hmm")
+    from examples import hmm as example
+    from tests.references import hmm as reference
+
     y, _ = example.simulate_data(n_steps=200)
     start = example.initial_values(y)
     idata = pm_em.find_MAP(
@@ -102,7 +104,8 @@ def test_hmm_matches_baum_welch():
 
 
 def test_implicit_mixture_matches_sklearn():
-    example = load_example("gaussian_mixture")
+    from examples import gaussian_mixture as example
+
     x = example.simulate_data(n=300, seed=5)
     start = example.initial_values(x)
     with pm.Model() as model:

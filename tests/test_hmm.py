@@ -33,14 +33,14 @@ import arviz as az
 import numpy as np
 import pymc as pm
 import pytest
-from loading import load_example, load_reference
 from scipy import special
+
+from tests.helpers import ENGINE_TOL, MAX_ITER, at_map
+from tests.references import hmm as ref
 
 pmx = pytest.importorskip("pymc_extras")
 hmmlearn_hmm = pytest.importorskip("hmmlearn.hmm")
 
-
-ref = load_reference("reference_hmm")
 
 # pm_em's tol is on the change of the log-posterior per observation; the reference
 # and hmmlearn take an absolute change, so they get ENGINE_TOL * N. At N of a few
@@ -48,8 +48,6 @@ ref = load_reference("reference_hmm")
 # method stops at its noise floor, where the parameters agree far inside RTOL (in a
 # trial run, stopping at an absolute 1e-12 rather than 1e-13 moved no parameter by
 # more than 4e-6 relative, and that one a mean near zero).
-ENGINE_TOL = 1e-14
-MAX_ITER = 10_000
 RTOL = 1e-5
 # Probabilities that head for zero (a single sequence's initial distribution goes to
 # a vertex geometrically) are compared on an absolute scale.
@@ -269,35 +267,8 @@ def hmmlearn_fit(case):
     return fit_hmmlearn(case, tol=ENGINE_TOL * case.n_obs)
 
 
-@pytest.fixture(scope="module")
-def pm_em():
-    import pm_em
-
-    return pm_em
-
-
-@pytest.fixture(scope="module")
-def idata(case, pm_em):
-    """``find_MAP`` from the common start (one compilation and fit per case)."""
-    return pm_em.find_MAP(
-        case.model,
-        initvals=case.start,
-        tol=ENGINE_TOL,
-        max_iter=MAX_ITER,
-        random_seed=0,
-        progressbar=False,
-    )
-
-
-def _at_map(dataset, name):
-    """Drop the (chain, draw) = (1, 1) dimensions of a point estimate."""
-    values = dataset[name]
-    assert values.sizes["chain"] == 1 and values.sizes["draw"] == 1, values.sizes
-    return values.isel(chain=0, draw=0).values
-
-
 def _fitted(case, idata):
-    return {name: _at_map(idata.posterior, name) for name in case.start}
+    return {name: at_map(idata.posterior, name) for name in case.start}
 
 
 def _assert_params_close(actual, expected, rtol=RTOL, atol=ATOL, what=""):
@@ -552,7 +523,7 @@ def test_lp_s_matches_reference_log_gamma(case, idata):
     """``lp_s`` is the reference's forward–backward at pm_em's own fitted parameters."""
     fitted = _fitted(case, idata)
     expected = np.stack([p.log_gamma for p in ref.posteriors(case.y, fitted, case.emission)])
-    lp = _at_map(idata.posterior, "lp_s").reshape(expected.shape)
+    lp = at_map(idata.posterior, "lp_s").reshape(expected.shape)
     np.testing.assert_allclose(special.logsumexp(lp, axis=-1), 0.0, atol=1e-9)
     np.testing.assert_allclose(np.exp(lp), np.exp(expected), atol=1e-10)
     # On the log scale where the probability is not negligible.
@@ -562,14 +533,14 @@ def test_lp_s_matches_reference_log_gamma(case, idata):
 
 def test_lp_s_matches_reference_run(case, reference, idata):
     """Both runs at their noise floor: the state probabilities agree closely too."""
-    lp = _at_map(idata.posterior, "lp_s").reshape(reference.log_gamma.shape)
+    lp = at_map(idata.posterior, "lp_s").reshape(reference.log_gamma.shape)
     np.testing.assert_allclose(np.exp(lp), np.exp(reference.log_gamma), atol=1e-5)
 
 
 def test_s_is_the_viterbi_path(case, idata):
     fitted = _fitted(case, idata)
     expected = np.stack(ref.viterbi_paths(case.y, fitted, case.emission)).reshape(case.y.shape)
-    np.testing.assert_array_equal(_at_map(idata.posterior, "s"), expected)
+    np.testing.assert_array_equal(at_map(idata.posterior, "s"), expected)
 
 
 def test_em_stats_trace(case, reference, idata):
@@ -607,7 +578,7 @@ def test_flat_priors_add_log_gamma_k_per_dirichlet(case, idata):
 def test_log_likelihood_group_is_one_step_predictive(case, idata):
     """The pointwise pieces are ``log p(y_t | y_1..y_{t-1})`` (the chain rule in time
     order, per sequence), and add up to the observed-data log-likelihood."""
-    pointwise = _at_map(idata.log_likelihood, "y")
+    pointwise = at_map(idata.log_likelihood, "y")
     assert pointwise.shape == case.y.shape
     fitted = _fitted(case, idata)
     post = ref.posteriors(case.y, fitted, case.emission)
@@ -670,7 +641,9 @@ def test_engine_matches_brute_force_on_tiny_chain(pm_em):
 
 @pytest.fixture(scope="module")
 def hmm_example():
-    return load_example("hmm")
+    from examples import hmm
+
+    return hmm
 
 
 def test_example_em_matches_reference(hmm_example, pm_em):
@@ -685,7 +658,7 @@ def test_example_em_matches_reference(hmm_example, pm_em):
         progressbar=False,
     )
     expected = ref.baum_welch(y, start, emission="gaussian", tol=ENGINE_TOL * y.size)
-    fitted = {name: _at_map(idata.posterior, name) for name in start}
+    fitted = {name: at_map(idata.posterior, name) for name in start}
     _assert_params_close(fitted, expected.estimates, what="reference")
 
 

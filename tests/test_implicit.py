@@ -78,8 +78,7 @@ def test_normal_mixture(normal_data):
     assert [rv.name for rv in implicit.free_RVs] == ["w", "mu", "sigma"]
 
 
-def test_zero_inflated_poisson():
-    rng = np.random.default_rng(1)
+def test_zero_inflated_poisson(rng):
     y = rng.poisson(3.0, 400) * (rng.random(400) < 0.6)
     with pm.Model() as implicit:
         psi = pm.Uniform("psi", 0, 1)
@@ -94,8 +93,7 @@ def test_zero_inflated_poisson():
     _assert_same_fit(_fit(implicit, start), _fit(explicit, start), ["psi", "rate"], "y", "z")
 
 
-def test_mixture_of_mvnormals():
-    rng = np.random.default_rng(2)
+def test_mixture_of_mvnormals(rng):
     covs = np.array([[[1.0, 0.5], [0.5, 1.0]], [[0.6, -0.2], [-0.2, 0.8]]])
     x = np.concatenate(
         [
@@ -117,8 +115,7 @@ def test_mixture_of_mvnormals():
     _assert_same_fit(_fit(implicit, start), _fit(explicit, start), ["w", "mu"], "x", "z")
 
 
-def test_hurdle_poisson_is_the_map_of_its_own_density():
-    rng = np.random.default_rng(3)
+def test_hurdle_poisson_is_the_map_of_its_own_density(rng):
     y = np.where(rng.random(300) < 0.35, 0, rng.poisson(2.5, 300))
     y[y == 0] = np.where(rng.random((y == 0).sum()) < 0.5, 0, 1)
     with pm.Model() as model:

@@ -5,7 +5,6 @@ an independent log-space computation in NumPy/SciPy."""
 import numpy as np
 import pymc as pm
 import pytest
-from loading import load_example
 from scipy import special, stats
 
 import pm_em
@@ -67,7 +66,8 @@ def test_impossible_genotypes_get_exactly_zero_responsibility():
     """The peppered moth: a phenotype rules out genotypes (P(phenotype | genotype) =
     0), so those entries are log(0) = -inf in the tables; they must stay exactly
     -inf, and never turn the possible ones into NaN."""
-    moth = load_example("peppered_moth")
+    from examples import peppered_moth as moth
+
     phenotype = moth.moth_phenotypes()
     em = pm_em.EM(moth.build_model(phenotype))
     allele_freq = np.array([0.2, 0.3, 0.5])
