@@ -37,15 +37,9 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import scaffold
 from cases import CASES
-from scaffold import (
-    benchmark_parser,
-    environment_notes,
-    parse_command_line,
-    progress,
-    run_benchmark,
-    script_command,
-)
+from scaffold import progress
 
 
 @dataclass
@@ -243,7 +237,7 @@ def report(results, args, env, seconds) -> str:
     lines = [
         "## Results",
         "",
-        *[f"- {line}" for line in environment_notes(env, script_command(args), seconds)],
+        *[f"- {line}" for line in scaffold.script_notes(env, args, seconds)],
         f"- K = 5 mixture, n = {args.n:,}, data seed {args.seed}; tol = {args.tol:g} per "
         f"observation, max_iter = {args.max_iter}; EM routine built in "
         f"{facts['build_s']:.1f} s. Start (pm_em's k-means start, seed {args.start_seed}): "
@@ -278,7 +272,7 @@ def report(results, args, env, seconds) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     # --starts: the jittered starts of part 2.
-    parser = benchmark_parser(__doc__, tol=1e-8, max_iter=2000, repeats=1, starts=5)
+    parser = scaffold.benchmark_parser(__doc__, tol=1e-8, max_iter=2000, repeats=1, starts=5)
     parser.add_argument("--n", type=int, default=200_000, help="K = 5 mixture's data size")
     parser.add_argument("--fast-n", type=int, default=100_000, help="part 2's data size")
     parser.add_argument("--start-seed", type=int, default=1, help="seed of the k-means start")
@@ -288,7 +282,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[10, 20, 30, 50],
         help="switch points of accelerate='auto' to compare (the default is 30)",
     )
-    return parse_command_line(parser, argv)
+    return scaffold.parse_command_line(parser, argv)
 
 
 def measure(args):
@@ -303,7 +297,7 @@ def record(results) -> dict:
 
 
 def main() -> None:
-    run_benchmark(parse_args(), measure, report, record)
+    scaffold.run_benchmark(parse_args(), measure, report, record)
 
 
 if __name__ == "__main__":

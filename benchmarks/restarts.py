@@ -33,15 +33,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import scaffold
 from cases import CASES, Params, by_first_mean
-from scaffold import (
-    benchmark_parser,
-    environment_notes,
-    parse_command_line,
-    progress,
-    run_benchmark,
-    script_command,
-)
+from scaffold import progress
 
 # --- the K = 4 mixture on skewed data -----------------------------------------------
 # Log-normal data have a long right tail: a Gaussian mixture fitted to them can split
@@ -689,7 +683,7 @@ def report(results, args, env, seconds) -> str:
     rows, speed_builds, result = results
     x = result["x"]
     notes = [
-        *environment_notes(env, script_command(args), seconds),
+        *scaffold.script_notes(env, args, seconds),
         f"tol = {args.tol:g} per observation, max_iter = {args.max_iter} everywhere; data "
         f"seed {args.seed}. EM routines built (compiled) first: "
         + ", ".join(f"{k} n={n:,} {s:.1f} s" for (k, n), s in speed_builds.items())
@@ -740,7 +734,7 @@ def report(results, args, env, seconds) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     # --repeats: warm runs timed in part 1; --starts: jittered starts in part 1.
-    parser = benchmark_parser(__doc__, tol=1e-10, max_iter=10_000, repeats=3, starts=5)
+    parser = scaffold.benchmark_parser(__doc__, tol=1e-10, max_iter=10_000, repeats=3, starts=5)
     parser.add_argument("--mixture-n", type=int, default=1_000, help="part 2's data size")
     parser.add_argument("--single-starts", type=int, default=100, help="per init, part 2")
     parser.add_argument("--n-init", type=int, default=10, help="starts per restart fit")
@@ -758,7 +752,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--param-rtol", type=float, default=1e-4, help="part 1's same-parameters rule"
     )
     parser.add_argument("--show-modes", type=int, default=6, help="end points listed in part 2")
-    return parse_command_line(parser, argv)
+    return scaffold.parse_command_line(parser, argv)
 
 
 def measure(args):
@@ -787,7 +781,7 @@ def record(results) -> dict:
 
 def main() -> None:
     """Run both parts and print the markdown report."""
-    run_benchmark(parse_args(), measure, report, record)
+    scaffold.run_benchmark(parse_args(), measure, report, record)
 
 
 if __name__ == "__main__":

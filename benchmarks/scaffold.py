@@ -136,10 +136,10 @@ def environment_notes(env: dict[str, Any], command: str, seconds: float | None =
     ]
 
 
-def script_command(args: argparse.Namespace) -> str:
-    """How this run was started, for the report."""
-    script = Path(sys.argv[0]).name
-    return " ".join(["python", f"benchmarks/{script}", *args.argv])
+def script_notes(env: dict[str, Any], args: argparse.Namespace, seconds: float) -> list[str]:
+    """:func:`environment_notes` of a script run as ``python benchmarks/<script> ...``."""
+    command = " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *args.argv])
+    return environment_notes(env, command, seconds)
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -285,9 +285,8 @@ def _assert_params_close(actual, expected, rtol=RTOL, atol=ATOL, what=""):
 
 
 @pytest.fixture
-def tiny_chain():
+def tiny_chain(rng):
     """A 3-state chain of 6 steps (729 paths), with one forbidden transition."""
-    rng = np.random.default_rng(7)
     P = rng.dirichlet(np.ones(3), size=3)
     P[0, 2] = 0.0
     P[0] /= P[0].sum()
@@ -321,9 +320,8 @@ def test_reference_viterbi_matches_brute_force(tiny_chain):
     np.testing.assert_allclose(log_joint, direct, rtol=1e-12)
 
 
-def test_reference_log_space_survives_long_chains():
+def test_reference_log_space_survives_long_chains(rng):
     """No underflow where a product of probabilities would reach 1e-300 long before."""
-    rng = np.random.default_rng(8)
     y = rng.normal(size=5000) * 30.0
     params = {
         "pi": np.full(2, 0.5),

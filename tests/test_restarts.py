@@ -141,10 +141,9 @@ def test_dict_start(mixture):
     assert idata.em_stats.attrs["init"] == "values"
 
 
-def test_default_start_escapes_the_symmetric_saddle():
+def test_default_start_escapes_the_symmetric_saddle(rng):
     """From the model's default point both components are identical; EM alone would
     stay there. Every default start (jitter or k-means) must separate them."""
-    rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(-2, 1, 150), rng.normal(2, 1, 150)])
     with pm.Model() as model:
         w = pm.Dirichlet("w", a=np.ones(2))

@@ -9,9 +9,9 @@ refuses problems above ``max_configurations``.
 
 Three ways to give the log joint:
 
-* :func:`enumerate_model`: a PyMC model, evaluated by PyMC itself (``compile_logp``
-  without Jacobian on the model with its value transforms removed), so a test can hand
-  it any small model and a point in the model's own (constrained) space;
+* :class:`ModelEnumerator` / :func:`enumerate_model`: a PyMC model, evaluated by PyMC
+  itself (``compile_logp`` without Jacobian), so a test can hand it any small model and
+  a point in the variables' own (constrained) space;
 * :func:`enumerate_latent_posterior`: any callable of a configuration (NumPy only);
 * :func:`enumerate_paths`: the state paths of a hidden Markov chain, vectorized.
 
@@ -29,6 +29,7 @@ from scipy import special
 
 __all__ = [
     "ModelEnumeration",
+    "ModelEnumerator",
     "configuration_grid",
     "enumerate_latent_posterior",
     "enumerate_model",
@@ -148,6 +149,107 @@ class ModelEnumeration(NamedTuple):
     log_joint: np.ndarray
 
 
+class ModelEnumerator:
+    """The exact posterior of the latents of a small PyMC model, at any point.
+
+    Compiled once (PyMC's joint log-density without Jacobian, on the model's own value
+    variables, and the map from a point to them), so that one enumerator serves many
+    points; the data may change between calls (``pm.set_data``, also to a new length:
+    the latents' shapes are read from the model at each call).
+
+    Parameters
+    ----------
+    model : pymc.Model
+    supports : mapping
+        The support of each latent, by name; every element of a latent takes the
+        same support (values outside an element's own support get log-density
+        ``-inf`` from PyMC and drop out).
+    max_configurations : int, default 2**16
+    """
+
+    def __init__(
+        self,
+        model,
+        supports: Mapping[str, Sequence],
+        *,
+        max_configurations: int = MAX_CONFIGURATIONS,
+    ):
+        import pytensor
+        from pytensor.graph.replace import clone_replace
+
+        self.model = model
+        self.supports = {name: np.asarray(support) for name, support in supports.items()}
+        self.max_configurations = max_configurations
+        self.latents = [rv for rv in model.free_RVs if rv.name in supports]
+        self.params = [rv for rv in model.free_RVs if rv.name not in supports]
+        # The point is given in each variable's own space; the log-density takes the
+        # value variables, so each transformed one goes through its forward transform,
+        # the other variables it depends on replaced by their given values.
+        given = {rv: rv.type(name=rv.name) for rv in self.params}
+        values = []
+        for rv in self.params:
+            transform = model.rvs_to_transforms.get(rv)
+            value = given[rv]
+            values.append(
+                value if transform is None else transform.forward(value, *rv.owner.inputs)
+            )
+        shapes = [rv.shape for rv in self.latents]
+        outputs = clone_replace([*values, *shapes], replace=given)
+        self._values_and_shapes = pytensor.function(
+            list(given.values()), outputs, mode="FAST_COMPILE", on_unused_input="ignore"
+        )
+        # The reference runs each configuration once: Python's linker, no C compilation.
+        self._logp = model.compile_logp(jacobian=False, mode="FAST_COMPILE")
+
+    def __call__(self, point: Mapping[str, np.ndarray]) -> ModelEnumeration:
+        """Enumerate at ``point``: the value of every free variable that is not a
+        latent, by name, in its own (constrained) space; extra entries are ignored.
+
+        Raises
+        ------
+        ValueError
+            If a variable is missing from ``point``, or if there are more than
+            ``max_configurations`` configurations.
+        """
+        missing = [rv.name for rv in self.params if rv.name not in point]
+        if missing:
+            raise ValueError(f"expected a value for {missing} in the point, got none")
+        outputs = self._values_and_shapes(*(point[rv.name] for rv in self.params))
+        fixed = {
+            self.model.rvs_to_values[rv].name: value
+            for rv, value in zip(self.params, outputs, strict=False)
+        }
+        names = [rv.name for rv in self.latents]
+        shapes = {
+            name: tuple(int(n) for n in shape)
+            for name, shape in zip(names, outputs[len(self.params) :], strict=True)
+        }
+        sizes = {name: int(np.prod(shapes[name], dtype=np.int64)) for name in names}
+        n_values = [len(self.supports[name]) for name in names for _ in range(sizes[name])]
+        grid = configuration_grid(n_values, max_configurations=self.max_configurations)
+
+        configurations, start = {}, 0
+        for rv, name in zip(self.latents, names, strict=True):
+            labels = self.supports[name][grid[:, start : start + sizes[name]]]
+            dtype = self.model.rvs_to_values[rv].type.dtype
+            configurations[name] = labels.astype(dtype).reshape(len(grid), *shapes[name])
+            start += sizes[name]
+        value_names = {name: self.model.rvs_to_values[self.model[name]].name for name in names}
+        log_joint = np.array(
+            [
+                self._logp({**fixed, **{value_names[n]: configurations[n][c] for n in names}})
+                for c in range(len(grid))
+            ]
+        )
+        log_marginal, flat = log_posterior_marginals(grid, log_joint, n_values)
+        log_marginals, start = {}, 0
+        for name in names:
+            per_element = np.stack(flat[start : start + sizes[name]])
+            log_marginals[name] = per_element.reshape(*shapes[name], len(self.supports[name]))
+            start += sizes[name]
+        return ModelEnumeration(log_marginal, log_marginals, configurations, log_joint)
+
+
 def enumerate_model(
     model,
     point: Mapping[str, np.ndarray],
@@ -155,73 +257,11 @@ def enumerate_model(
     *,
     max_configurations: int = MAX_CONFIGURATIONS,
 ) -> ModelEnumeration:
-    """Exact posterior of the latents of a small PyMC model at ``point``.
+    """The exact posterior of the latents of ``model`` at ``point``, once.
 
-    Parameters
-    ----------
-    model : pymc.Model
-    point : mapping
-        The value of every other free variable, by name, in its own (constrained)
-        space; extra entries are ignored.
-    supports : mapping
-        The support of each latent, by name; every element of a latent takes the
-        same support (values outside an element's own support get log-density
-        ``-inf`` from PyMC and drop out).
-    max_configurations : int, default 2**16
-
-    Returns
-    -------
-    ModelEnumeration
-
-    Raises
-    ------
-    ValueError
-        If a free variable is neither in ``point`` nor in ``supports``, or if there are
-        more than ``max_configurations`` configurations.
+    See :class:`ModelEnumerator` (which compiles once for many points).
     """
-    from pymc.model.transform.conditioning import remove_value_transforms
-
-    plain = remove_value_transforms(model)
-    names = [rv.name for rv in plain.free_RVs]
-    missing = [name for name in names if name not in point and name not in supports]
-    if missing:
-        raise ValueError(f"expected a value or a support for {missing}, got neither")
-    latents = [name for name in names if name in supports]
-    shapes = {}
-    for name in latents:
-        shape = plain[name].type.shape
-        if None in shape:
-            shape = tuple(plain.eval_rv_shapes()[name])
-        shapes[name] = tuple(int(n) for n in shape)
-    dtypes = {name: plain.rvs_to_values[plain[name]].type.dtype for name in latents}
-    sizes = {name: int(np.prod(shapes[name], dtype=np.int64)) for name in latents}
-    values = {name: np.asarray(supports[name]) for name in latents}
-    n_values = [len(values[name]) for name in latents for _ in range(sizes[name])]
-    grid = configuration_grid(n_values, max_configurations=max_configurations)
-
-    # The reference runs each configuration once: Python's linker, no C compilation.
-    logp = plain.compile_logp(jacobian=False, mode="FAST_COMPILE")
-    fixed = {name: np.asarray(point[name]) for name in names if name not in supports}
-    configurations = {}
-    start = 0
-    for name in latents:
-        columns = grid[:, start : start + sizes[name]]
-        configurations[name] = values[name][columns].astype(dtypes[name])
-        configurations[name] = configurations[name].reshape(len(grid), *shapes[name])
-        start += sizes[name]
-    log_joint = np.array(
-        [
-            logp({**fixed, **{name: configurations[name][c] for name in latents}})
-            for c in range(len(grid))
-        ]
-    )
-    log_marginal, flat = log_posterior_marginals(grid, log_joint, n_values)
-    log_marginals, start = {}, 0
-    for name in latents:
-        per_element = np.stack(flat[start : start + sizes[name]])
-        log_marginals[name] = per_element.reshape(*shapes[name], len(values[name]))
-        start += sizes[name]
-    return ModelEnumeration(log_marginal, log_marginals, configurations, log_joint)
+    return ModelEnumerator(model, supports, max_configurations=max_configurations)(point)
 
 
 def enumerate_paths(
