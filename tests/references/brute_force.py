@@ -180,6 +180,9 @@ class ModelEnumerator:
         self.model = model
         self.supports = {name: np.asarray(support) for name, support in supports.items()}
         self.max_configurations = max_configurations
+        unknown = set(supports) - {rv.name for rv in model.free_RVs}
+        if unknown:
+            raise ValueError(f"expected supports of free variables, got {sorted(unknown)}")
         self.latents = [rv for rv in model.free_RVs if rv.name in supports]
         self.params = [rv for rv in model.free_RVs if rv.name not in supports]
         # The point is given in each variable's own space; the log-density takes the
@@ -215,14 +218,15 @@ class ModelEnumerator:
         if missing:
             raise ValueError(f"expected a value for {missing} in the point, got none")
         outputs = self._values_and_shapes(*(point[rv.name] for rv in self.params))
+        n_params = len(self.params)
         fixed = {
             self.model.rvs_to_values[rv].name: value
-            for rv, value in zip(self.params, outputs, strict=False)
+            for rv, value in zip(self.params, outputs[:n_params], strict=True)
         }
         names = [rv.name for rv in self.latents]
         shapes = {
             name: tuple(int(n) for n in shape)
-            for name, shape in zip(names, outputs[len(self.params) :], strict=True)
+            for name, shape in zip(names, outputs[n_params:], strict=True)
         }
         sizes = {name: int(np.prod(shapes[name], dtype=np.int64)) for name in names}
         n_values = [len(self.supports[name]) for name in names for _ in range(sizes[name])]
