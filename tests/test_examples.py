@@ -2,7 +2,7 @@
 
 Three layers, each usable to locate a disagreement:
 
-* the NumPy references in ``reference_em`` against literature values, closed
+* the NumPy references in ``tests.references.em`` against literature values, closed
   forms, direct numerical maximisation, scikit-learn and brute-force
   enumeration (no PyMC, no ``pm_em``);
 * each example's PyMC model against the reference's complete-data

@@ -5,9 +5,9 @@ a forward–backward E-step, closed-form Dirichlet updates of the transition row
 of the initial distribution, emissions through the mixture machinery. Three layers,
 each usable to locate a disagreement:
 
-* the NumPy reference (``reference_hmm``) against brute-force enumeration of every
+* the NumPy reference (``tests.references.hmm``) against brute-force enumeration of every
   state path and against hmmlearn 0.3 from the same start (no PyMC, no pm_em). The
-  hmmlearn settings that give the plain MLE are listed in ``reference_hmm``'s
+  hmmlearn settings that give the plain MLE are listed in ``tests.references.hmm``'s
   docstring and pinned down by ``test_hmmlearn_*`` below;
 * each PyMC model against the reference's complete-data log-density, with the chain
   fixed (PyMC and pymc-extras only: is the model the intended one?);
@@ -208,7 +208,7 @@ CASE_BUILDERS: dict[str, Callable[[], HMMCase]] = {
 
 
 def fit_hmmlearn(case: HMMCase, tol: float):
-    """hmmlearn's Baum–Welch from ``case.start``, unregularised (see reference_hmm)."""
+    """hmmlearn's Baum–Welch from ``case.start``, unregularised (see tests.references.hmm)."""
     n_states = len(case.start["pi"])
     common = {"init_params": "", "n_iter": MAX_ITER, "tol": tol}
     if case.emission == "gaussian":
