@@ -31,18 +31,15 @@ of ``--repeats`` fits, the methods taking turns.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
+import scaffold
 from cases import CASES
-from run import environment, progress
+from scaffold import progress
 
 
 @dataclass
@@ -232,21 +229,15 @@ def measure_switch(args) -> list[dict]:
     return out
 
 
-def report(rows, facts, switch_rows, args, env, seconds) -> str:
+def report(results, args, env, seconds) -> str:
     """The markdown report."""
+    rows, facts, switch_rows = results
     best = max(r.loglik for r in rows)
     sk = next(r for r in rows if r.method == "sklearn, same start")
-    v = env["versions"]
     lines = [
         "## Results",
         "",
-        f"- Run {env['date']}: `python benchmarks/accelerate.py"
-        + "".join(f" {a}" for a in args.argv)
-        + f"`, {seconds / 60:.1f} minutes; pm_em at {env['pm_em_revision']}",
-        f"- Machine: {env['machine']}; Python {env['python']}; "
-        + ", ".join(f"{k} {val}" for k, val in v.items() if val != "not installed")
-        + f". Load average (1 min) at start {env['load_average_at_start'][0]:.1f}, at "
-        f"end {os.getloadavg()[0]:.1f}.",
+        *[f"- {line}" for line in scaffold.script_notes(env, args, seconds)],
         f"- K = 5 mixture, n = {args.n:,}, data seed {args.seed}; tol = {args.tol:g} per "
         f"observation, max_iter = {args.max_iter}; EM routine built in "
         f"{facts['build_s']:.1f} s. Start (pm_em's k-means start, seed {args.start_seed}): "
@@ -280,45 +271,33 @@ def report(rows, facts, switch_rows, args, env, seconds) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # --starts: the jittered starts of part 2.
+    parser = scaffold.benchmark_parser(__doc__, tol=1e-8, max_iter=2000, repeats=1, starts=5)
     parser.add_argument("--n", type=int, default=200_000, help="K = 5 mixture's data size")
     parser.add_argument("--fast-n", type=int, default=100_000, help="part 2's data size")
-    parser.add_argument("--tol", type=float, default=1e-8, help="tol per observation")
-    parser.add_argument("--max-iter", type=int, default=2000, help="iteration cap")
-    parser.add_argument("--seed", type=int, default=20240601, help="seed of the data")
     parser.add_argument("--start-seed", type=int, default=1, help="seed of the k-means start")
-    parser.add_argument("--repeats", type=int, default=1, help="warm fits per method")
-    parser.add_argument("--starts", type=int, default=5, help="jittered starts, part 2")
     parser.add_argument(
         "--switch",
         type=lambda s: [int(v) for v in s.split(",")],
         default=[10, 20, 30, 50],
         help="switch points of accelerate='auto' to compare (the default is 30)",
     )
-    parser.add_argument("--json", type=Path, default=None, help="also write every figure")
-    args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    return args
+    return scaffold.parse_command_line(parser, argv)
+
+
+def measure(args):
+    """Both parts: the K = 5 rows and facts, then the switch-point rows."""
+    rows, facts = measure_k5(args)
+    return rows, facts, measure_switch(args)
+
+
+def record(results) -> dict:
+    rows, facts, switch_rows = results
+    return {"k5": [asdict(r) for r in rows], "facts": facts, "switch": switch_rows}
 
 
 def main() -> None:
-    args = parse_args()
-    began = time.perf_counter()
-    env = environment()
-    rows, facts = measure_k5(args)
-    switch_rows = measure_switch(args)
-    seconds = time.perf_counter() - began
-    print(report(rows, facts, switch_rows, args, env, seconds))
-    progress(f"done in {seconds:.0f} s")
-    if args.json is not None:
-        record = {
-            "environment": env,
-            "k5": [asdict(r) for r in rows],
-            "facts": facts,
-            "switch": switch_rows,
-            "settings": {k: str(v) for k, v in vars(args).items()},
-        }
-        args.json.write_text(json.dumps(record, indent=2, default=str))
+    scaffold.run_benchmark(parse_args(), measure, report, record)
 
 
 if __name__ == "__main__":

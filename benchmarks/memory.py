@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 from cases import GMM1D, ZIP, gmm1d_model
 from rss import reset_rss_peak, status_bytes
+from scaffold import benchmark_parser
 
 RESULT_PREFIX = "MEMORY-RESULT "
 PHASES = ("build", "loop", "finish", "find_map")
@@ -251,15 +252,11 @@ def report(records: list[dict[str, Any]]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__, tol=1e-8, max_iter=1000)
     parser.add_argument("--n", type=int, default=1_000_000, help="observations (1,000,000)")
     parser.add_argument(
         "--cases", default=",".join(SPECS), help="comma-separated subset of " + ", ".join(SPECS)
     )
-    parser.add_argument("--seed", type=int, default=20240601, help="data seed")
-    parser.add_argument("--tol", type=float, default=1e-8, help="pm_em's tol (1e-8)")
-    parser.add_argument("--max-iter", type=int, default=1000, help="iteration cap")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]

@@ -25,20 +25,17 @@ See ``benchmarks/README.md``, "Restarts and SQUAREM", for a measured table.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scaffold
 from cases import CASES, Params, by_first_mean
-from run import environment, progress
+from scaffold import progress
 
 # --- the K = 4 mixture on skewed data -----------------------------------------------
 # Log-normal data have a long right tail: a Gaussian mixture fitted to them can split
@@ -681,21 +678,12 @@ def _fmt_vector(values) -> str:
     return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
 
 
-def report(rows, speed_builds, result, args, env, seconds) -> str:
+def report(results, args, env, seconds) -> str:
     """Everything printed at the end of a run, as markdown."""
-    v = env["versions"]
+    rows, speed_builds, result = results
     x = result["x"]
     notes = [
-        f"Run {env['date']}: `python benchmarks/restarts.py"
-        + "".join(f" {a}" for a in args.argv)
-        + f"`, {seconds / 60:.1f} minutes",
-        f"Machine: {env['machine']}; Python {env['python']}; "
-        + ", ".join(f"{k} {val}" for k, val in v.items() if val != "not installed")
-        + f"; pm_em at {env['pm_em_revision']}",
-        f"BLAS: NumPy {env['numpy_blas'] or 'unknown'} (OPENBLAS_CORETYPE="
-        f"{env['openblas_coretype']}); PyTensor: {env['pytensor_blas_ldflags']}. "
-        f"Load average (1 min) at start {env['load_average_at_start'][0]:.1f}, at end "
-        f"{env['load_average_at_end'][0]:.1f}.",
+        *scaffold.script_notes(env, args, seconds),
         f"tol = {args.tol:g} per observation, max_iter = {args.max_iter} everywhere; data "
         f"seed {args.seed}. EM routines built (compiled) first: "
         + ", ".join(f"{k} n={n:,} {s:.1f} s" for (k, n), s in speed_builds.items())
@@ -745,14 +733,8 @@ def report(rows, speed_builds, result, args, env, seconds) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--tol", type=float, default=1e-10, help="EM's tol (change of logp per obs)"
-    )
-    parser.add_argument("--max-iter", type=int, default=10_000, help="iteration cap")
-    parser.add_argument("--seed", type=int, default=20240601, help="seed of the data")
-    parser.add_argument("--repeats", type=int, default=3, help="warm runs timed in part 1")
-    parser.add_argument("--starts", type=int, default=5, help="jittered starts in part 1")
+    # --repeats: warm runs timed in part 1; --starts: jittered starts in part 1.
+    parser = scaffold.benchmark_parser(__doc__, tol=1e-10, max_iter=10_000, repeats=3, starts=5)
     parser.add_argument("--mixture-n", type=int, default=1_000, help="part 2's data size")
     parser.add_argument("--single-starts", type=int, default=100, help="per init, part 2")
     parser.add_argument("--n-init", type=int, default=10, help="starts per restart fit")
@@ -770,47 +752,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--param-rtol", type=float, default=1e-4, help="part 1's same-parameters rule"
     )
     parser.add_argument("--show-modes", type=int, default=6, help="end points listed in part 2")
-    parser.add_argument("--json", type=Path, default=None, help="also write every figure")
-    args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]
-    return args
+    return scaffold.parse_command_line(parser, argv)
 
 
-def main() -> None:
-    """Run both parts and print the markdown report."""
-    args = parse_args()
-    began = time.perf_counter()
-    env = environment()
+def measure(args):
+    """Both parts: the speed rows and build times, then the restarts."""
     rows, builds = [], {}
     for key, n in SPEED_PLAN:
         problem_rows, builds[(key, n)] = measure_speed(SPEED_PROBLEMS[key], n, args)
         rows += problem_rows
-    result = measure_restarts(args)
-    env["load_average_at_end"] = os.getloadavg()
-    seconds = time.perf_counter() - began
-    print(report(rows, builds, result, args, env, seconds))
-    progress(f"done in {seconds:.0f} s")
-    if args.json is not None:
-        record = {
-            "environment": env,
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "speed": [asdict(r) for r in rows],
+    return rows, builds, measure_restarts(args)
+
+
+def record(results) -> dict:
+    rows, _, result = results
+    return {
+        "speed": [asdict(r) for r in rows],
+        "restarts": {
+            "best": result["best"],
+            "singles": {k: [asdict(f) for f in v] for k, v in result["singles"].items()},
             "restarts": {
-                "best": result["best"],
-                "singles": {k: [asdict(f) for f in v] for k, v in result["singles"].items()},
-                "restarts": {
-                    f"{init}/{acc}": [asdict(f) for f in fits]
-                    for (init, acc), fits in result["restarts"].items()
-                },
+                f"{init}/{acc}": [asdict(f) for f in fits]
+                for (init, acc), fits in result["restarts"].items()
             },
-        }
-        args.json.write_text(json.dumps(record, indent=2, default=_jsonable))
+        },
+    }
 
 
-def _jsonable(value):
-    if isinstance(value, np.ndarray | np.generic):
-        return value.tolist()
-    return str(value)
+def main() -> None:
+    """Run both parts and print the markdown report."""
+    scaffold.run_benchmark(parse_args(), measure, report, record)
 
 
 if __name__ == "__main__":

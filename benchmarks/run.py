@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -35,8 +34,14 @@ import numpy as np
 from cases import CASES, Case
 from peers import COMPILING, PEERS, Fit, make_fit
 from rss import reset_rss_peak, status_bytes
-
-REPO = Path(__file__).resolve().parent.parent
+from scaffold import (
+    benchmark_parser,
+    environment,
+    environment_notes,
+    progress,
+    settings,
+    write_record,
+)
 
 
 @dataclass(frozen=True)
@@ -410,11 +415,6 @@ def run_case(step: Planned, args: argparse.Namespace) -> list[Measurement]:
 # --- reporting ----------------------------------------------------------------------
 
 
-def progress(message: str) -> None:
-    """Say on stderr what is running."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def _fmt_s(value: float | None, status: str | None = None) -> str:
     if value is None:
         return status or "–"
@@ -596,81 +596,10 @@ def targets_table(rows: list[Measurement], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def environment() -> dict[str, Any]:
-    """Versions, machine and BLAS facts worth keeping next to the figures."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import pytensor
-
-    versions = {}
-    packages = (
-        "numpy",
-        "scipy",
-        "scikit-learn",
-        "hmmlearn",
-        "pymc",
-        "pytensor",
-        "pymc-extras",
-        "jax",
-    )
-    for package in packages:
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "not installed"
-    try:
-        revision = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "pm_em"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        revision += " + uncommitted changes to pm_em/" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        revision = "unknown"
-    try:
-        from threadpoolctl import threadpool_info
-
-        blas = ", ".join(
-            f"{p['internal_api']} {p.get('version')} ({p.get('architecture')}, "
-            f"{p['num_threads']} threads)"
-            for p in threadpool_info()
-            if p.get("user_api") == "blas"
-        )
-    except ImportError:
-        blas = "unknown"
-    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "python": platform.python_version(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {memory_gb:.0f} GiB",
-        "versions": versions,
-        "pm_em_revision": revision,
-        "numpy_blas": blas,
-        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", "unset"),
-        "pytensor_blas_ldflags": pytensor.config.blas__ldflags or "none linked",
-        "load_average_at_start": os.getloadavg(),
-    }
-
-
 def report(rows: list[Measurement], args: argparse.Namespace, env: dict[str, Any]) -> str:
     """Everything printed at the end of a run, as markdown."""
-    v = env["versions"]
     notes = [
-        f"Run {env['date']}: `{' '.join(['python', *sys.argv])}`",
-        f"Machine: {env['machine']}; Python {env['python']}; "
-        + ", ".join(f"{k} {val}" for k, val in v.items())
-        + f"; pm_em at {env['pm_em_revision']}",
-        f"BLAS: NumPy {env['numpy_blas'] or 'unknown'} (OPENBLAS_CORETYPE="
-        f"{env['openblas_coretype']}); PyTensor: {env['pytensor_blas_ldflags']}. "
-        f"Load average (1 min) at start {env['load_average_at_start'][0]:.1f}, at end "
-        f"{os.getloadavg()[0]:.1f}: other work on the machine slows every method.",
+        *environment_notes(env, " ".join(["python", *sys.argv])),
         f"tol: pm_em {args.tol:g} per observed element; NumPy EM the same rule; "
         f"scikit-learn tol·d; hmmlearn tol·N; pymc-extras L-BFGS-B ftol = tol·N/|logp(start)|, "
         f"gtol = tol·N. Same optimum: |Δ log-likelihood| / N ≤ {args.ll_tol:g}. "
@@ -700,7 +629,7 @@ def report(rows: list[Measurement], args: argparse.Namespace, env: dict[str, Any
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = benchmark_parser(__doc__, tol=1e-8, max_iter=1000)
     parser.add_argument("--quick", action="store_true", help="small cases, a few minutes")
     parser.add_argument(
         "--cases",
@@ -725,9 +654,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "call is stopped and reported as timeout",
     )
     parser.add_argument("--repeats", type=int, default=None, help="warm fits (default 3, 1 quick)")
-    parser.add_argument("--tol", type=float, default=1e-8, help="pm_em's tol (default 1e-8)")
-    parser.add_argument("--max-iter", type=int, default=1000, help="iteration cap")
-    parser.add_argument("--seed", type=int, default=20240601, help="data seed")
     parser.add_argument(
         "--ll-tol",
         type=float,
@@ -735,7 +661,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="same optimum when |Δ log-likelihood| per observed element ≤ this",
     )
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip memory")
-    parser.add_argument("--json", type=Path, default=None, help="also write all figures here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -788,10 +713,10 @@ def main() -> None:
     if args.json is not None:
         record = {
             "environment": env,
-            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "settings": settings(args),
             "rows": [asdict(r) | {"warm_s": r.warm_s} for r in rows],
         }
-        args.json.write_text(json.dumps(record, indent=2, default=str))
+        write_record(args.json, record)
 
 
 if __name__ == "__main__":

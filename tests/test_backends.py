@@ -9,11 +9,12 @@ import pymc as pm
 import pytensor
 import pytensor.tensor as pt
 import pytest
-from loading import load_example, load_reference
 
 import pm_em
 from pm_em.compile import default_backend, resolve_backend
 from pm_em.routine.em import cached_routine
+from tests.models import unit_scale_mixture
+from tests.references import hmm as reference_hmm
 
 DEFAULT = default_backend()
 #: The backend this suite does not run by default: every family gets a fit on it.
@@ -37,14 +38,25 @@ def _function_modes(em):
     return {type(fn.maker.linker).__name__ for fn in fns if fn is not None}
 
 
+def _fit_other(model, start, random_seed):
+    """``find_MAP`` on the other backend from ``start``, converged tightly."""
+    return pm_em.find_MAP(
+        model,
+        initvals=start,
+        tol=1e-12,
+        backend=OTHER,
+        progressbar=False,
+        random_seed=random_seed,
+    )
+
+
 def test_mixture_matches_sklearn():
-    example = load_example("gaussian_mixture")
+    from examples import gaussian_mixture as example
+
     x = example.simulate_data(n=300)
     start = example.initial_values(x)
     model = example.build_model(x)
-    idata = pm_em.find_MAP(
-        model, initvals=start, tol=1e-12, backend=OTHER, progressbar=False, random_seed=1
-    )
+    idata = _fit_other(model, start, random_seed=1)
     assert idata.em_stats.attrs["backend"] == OTHER
     em = cached_routine(model, backend=OTHER)
     assert _function_modes(em) == ({"JAXLinker"} if OTHER == "jax" else {"VMLinker"})
@@ -58,17 +70,11 @@ def test_mixture_matches_sklearn():
 
 def test_mvnormal_mixture_matches_sklearn():
     """The observation count is a shape here: JAX needs it static (freeze_shapes)."""
-    example = load_example("multivariate_mixture")
+    from examples import multivariate_mixture as example
+
     X = example.simulate_data(n=240)
     start, cov = example.kmeans_start(X)
-    idata = pm_em.find_MAP(
-        example.build_model(X),
-        initvals=start,
-        tol=1e-12,
-        backend=OTHER,
-        progressbar=False,
-        random_seed=6,
-    )
+    idata = _fit_other(example.build_model(X), start, random_seed=6)
     gm = example.fit_sklearn(X, start, cov)
     post = idata.posterior.squeeze(("chain", "draw"))
     np.testing.assert_allclose(post["w"], gm.weights_, atol=1e-5)
@@ -78,20 +84,13 @@ def test_mvnormal_mixture_matches_sklearn():
 
 def test_hmm_matches_baum_welch():
     pytest.importorskip("pymc_extras")
-    example = load_example("hmm")
-    reference = load_reference("reference_hmm")
+    from examples import hmm as example
+
     y, _ = example.simulate_data(n_steps=200)
     start = example.initial_values(y)
-    idata = pm_em.find_MAP(
-        example.build_model(y),
-        initvals=start,
-        tol=1e-12,
-        backend=OTHER,
-        progressbar=False,
-        random_seed=1,
-    )
+    idata = _fit_other(example.build_model(y), start, random_seed=1)
     # Flat priors: Dirichlet(1) on P and pi, flat mu and sigma: Baum-Welch's MLE.
-    expected = reference.baum_welch(y, start, emission="gaussian", tol=1e-12)
+    expected = reference_hmm.baum_welch(y, start, emission="gaussian", tol=1e-12)
     post = idata.posterior.squeeze(("chain", "draw"))
     # The mode has transitions at 0, where both approach it slowly: the likelihood
     # agrees tightly, the parameters to the distance both still have to go.
@@ -99,12 +98,13 @@ def test_hmm_matches_baum_welch():
     assert loglik == pytest.approx(expected.loglik_trace[-1], rel=1e-9)
     for name in ("P", "pi", "mu", "sigma"):
         np.testing.assert_allclose(post[name], expected.estimates[name], atol=1e-4, err_msg=name)
-    path = reference.viterbi_paths(y, expected.estimates, "gaussian")[0]
+    path = reference_hmm.viterbi_paths(y, expected.estimates, "gaussian")[0]
     np.testing.assert_array_equal(post["s"], path)
 
 
 def test_implicit_mixture_matches_sklearn():
-    example = load_example("gaussian_mixture")
+    from examples import gaussian_mixture as example
+
     x = example.simulate_data(n=300, seed=5)
     start = example.initial_values(x)
     with pm.Model() as model:
@@ -112,9 +112,7 @@ def test_implicit_mixture_matches_sklearn():
         mu = pm.Flat("mu", shape=2)
         sigma = pm.HalfFlat("sigma", shape=2)
         pm.NormalMixture("x", w=w, mu=mu, sigma=sigma, observed=x)
-    idata = pm_em.find_MAP(
-        model, initvals=start, tol=1e-12, backend=OTHER, progressbar=False, random_seed=1
-    )
+    idata = _fit_other(model, start, random_seed=1)
     gm = example.fit_sklearn(x, start)
     post = idata.posterior.squeeze(("chain", "draw"))
     np.testing.assert_allclose(post["w"], gm.weights_, atol=1e-6)
@@ -122,11 +120,10 @@ def test_implicit_mixture_matches_sklearn():
     np.testing.assert_allclose(post["sigma"], np.sqrt(gm.covariances_[:, 0, 0]), atol=1e-6)
 
 
-def test_laplace_conjugate_mean_is_exact():
+def test_laplace_conjugate_mean_is_exact(rng):
     """mu ~ Normal(m0, s0), x ~ Normal(mu, 1): the posterior of mu is Gaussian, so the
     Laplace approximation is exact."""
     m0, s0 = 1.0, 2.0
-    rng = np.random.default_rng(9)
     x = rng.normal(0.5, 1.0, 20)
     y = rng.normal(3.0 * (rng.random(25) < 0.3), 1.0)
     with pm.Model() as model:
@@ -146,8 +143,7 @@ def test_laplace_conjugate_mean_is_exact():
     )
 
 
-def test_float32_matches_the_float64_mode():
-    rng = np.random.default_rng(11)
+def test_float32_matches_the_float64_mode(rng):
     x = np.concatenate([rng.normal(-2.0, 1.0, 100), rng.normal(3.0, 1.0, 100)])
     start = {"w": np.array([0.5, 0.5]), "mu": np.array([-1.0, 1.0]), "sigma": np.ones(2)}
 
@@ -207,22 +203,12 @@ def test_environment_sets_the_default(monkeypatch):
         default_backend()
 
 
-def test_same_shape_data_reuses_the_compiled_routine_on_both_backends():
+def test_same_shape_data_reuses_the_compiled_routine_on_both_backends(rng):
     """pm.set_data of the same shape: the routine (and its compiled functions, JAX's
     with the data shapes frozen) is reused, and fits the new values exactly as a
     model built on them; a new dim length rebuilds it."""
-    rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(-2.0, 1.0, 20), rng.normal(2.0, 1.0, 20)])
     other = x[::-1] + 0.5
-
-    def build(data):
-        with pm.Model(coords={"obs": np.arange(len(data))}) as model:
-            observed = pm.Data("data", data, dims="obs")
-            w = pm.Dirichlet("w", np.ones(2))
-            mu = pm.Normal("mu", 0.0, 10.0, shape=2)
-            z = pm.Categorical("z", w, dims="obs")
-            pm.Normal("x", mu[z], 1.0, observed=observed, dims="obs")
-        return model
 
     options = {
         "initvals": {"mu": np.array([-1.0, 1.0])},
@@ -231,14 +217,14 @@ def test_same_shape_data_reuses_the_compiled_routine_on_both_backends():
         "random_seed": 3,
     }
     for backend in (DEFAULT, OTHER):
-        model = build(x)
+        model = unit_scale_mixture(x)
         pm_em.find_MAP(model, backend=backend, **options)
         routine = cached_routine(model, backend=backend)
         with model:
             pm.set_data({"data": other})
         idata = pm_em.find_MAP(model, backend=backend, **options)
         assert cached_routine(model, backend=backend) is routine
-        expected = pm_em.find_MAP(build(other), backend=backend, **options)
+        expected = pm_em.find_MAP(unit_scale_mixture(other), backend=backend, **options)
         for name in ("w", "mu"):
             np.testing.assert_allclose(
                 idata.posterior[name], expected.posterior[name], rtol=1e-10, err_msg=backend

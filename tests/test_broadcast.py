@@ -17,17 +17,15 @@ import pymc as pm
 import pytensor
 import pytensor.tensor as pt
 import pytest
-from loading import load_reference
 from pytensor.graph.replace import vectorize_graph
 from scipy import optimize, special, stats
-from test_enumeration import brute_force
 
 import pm_em
 from pm_em.compile import evaluate_once
 from pm_em.estep.rewrites import split_advanced_indexing
 from pm_em.model.dependence import build_owner_graphs
-
-ref = load_reference("reference_em")
+from tests.helpers import brute_force
+from tests.references import em as ref
 
 # The lecture notes' two coins: heads in ten tosses of the coin picked for each trial.
 HEADS = np.array([5, 9, 8, 4, 7])
@@ -176,17 +174,25 @@ def repeated_normal_model(form):
     return model
 
 
+def _compiled_and_fitted(model, start):
+    """The model's EM routine, and its fit from ``start`` and equal weights (the fit
+    reuses the routine)."""
+    em = pm_em.EM(model)
+    initvals = {**start, "w": np.array([0.5, 0.5])}
+    idata = pm_em.find_MAP(model, initvals=initvals, tol=1e-12, random_seed=1, progressbar=False)
+    return em, idata
+
+
+def _assert_e_step_exact(em, random_seed):
+    point = em.initial_point(random_seed=random_seed)
+    log_marginal, marginals, *_ = brute_force(em, point)
+    np.testing.assert_allclose(em.logp(point), log_marginal, rtol=1e-10)
+    np.testing.assert_allclose(np.exp(em.e_step(point)["z"]), np.exp(marginals["z"]), atol=1e-10)
+
+
 @pytest.fixture(scope="module", params=["column", "newaxis"])
 def repeated_normal(request):
-    em = pm_em.EM(repeated_normal_model(request.param))
-    idata = pm_em.find_MAP(
-        em.model,
-        initvals={"mu": MU_START, "w": np.array([0.5, 0.5])},
-        tol=1e-12,
-        random_seed=1,
-        progressbar=False,
-    )
-    return em, idata
+    return _compiled_and_fitted(repeated_normal_model(request.param), {"mu": MU_START})
 
 
 def _repeated_normal_log_posterior(params):
@@ -198,11 +204,7 @@ def _repeated_normal_log_posterior(params):
 
 
 def test_repeated_normal_e_step_matches_brute_force(repeated_normal):
-    em, _ = repeated_normal
-    point = em.initial_point(random_seed=3)
-    log_marginal, marginals = brute_force(em, point)
-    np.testing.assert_allclose(em.logp(point), log_marginal, rtol=1e-10)
-    np.testing.assert_allclose(np.exp(em.e_step(point)["z"]), np.exp(marginals["z"]), atol=1e-10)
+    _assert_e_step_exact(repeated_normal[0], random_seed=3)
 
 
 def test_repeated_normal_fit_matches_scipy(repeated_normal):
@@ -250,15 +252,7 @@ def regression_mixture(form):
 
 @pytest.fixture(scope="module", params=["row_slice", "ellipsis_pt_sum"])
 def regression(request):
-    em = pm_em.EM(regression_mixture(request.param))
-    idata = pm_em.find_MAP(
-        em.model,
-        initvals={"beta": BETA_START, "w": np.array([0.5, 0.5])},
-        tol=1e-12,
-        random_seed=1,
-        progressbar=False,
-    )
-    return em, idata
+    return _compiled_and_fitted(regression_mixture(request.param), {"beta": BETA_START})
 
 
 def _regression_log_posterior(params):
@@ -269,11 +263,7 @@ def _regression_log_posterior(params):
 
 
 def test_coefficient_rows_e_step_matches_brute_force(regression):
-    em, _ = regression
-    point = em.initial_point(random_seed=4)
-    log_marginal, marginals = brute_force(em, point)
-    np.testing.assert_allclose(em.logp(point), log_marginal, rtol=1e-10)
-    np.testing.assert_allclose(np.exp(em.e_step(point)["z"]), np.exp(marginals["z"]), atol=1e-10)
+    _assert_e_step_exact(regression[0], random_seed=4)
 
 
 def test_coefficient_rows_fit_matches_scipy(regression):

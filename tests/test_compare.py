@@ -230,10 +230,9 @@ def as_idata(draws, em_posterior):
 
 
 @pytest.mark.parametrize("rule", ["graph", "dims", "component_dims"])
-def test_relabel_recovers_per_draw_permutations(fits_1d, models_1d, rule):
+def test_relabel_recovers_per_draw_permutations(fits_1d, models_1d, rule, rng):
     em_idata, _ = fits_1d[3]
     post = em_idata.posterior
-    rng = np.random.default_rng(1)
     truth, shuffled, permutations = fake_draws(post, ["w", "mu", "sigma"], rng, k=3)
     latent_draws(post, permutations, truth, shuffled)
     mcmc = as_idata(shuffled, post)
@@ -250,12 +249,11 @@ def test_relabel_recovers_per_draw_permutations(fits_1d, models_1d, rule):
     np.testing.assert_array_equal(mcmc.posterior["mu"].values, shuffled["mu"])
 
 
-def test_relabel_two_dimensional_recomputes_deterministics(fit_2d, model_2d):
+def test_relabel_two_dimensional_recomputes_deterministics(fit_2d, model_2d, rng):
     """``chol[z]`` with ``chol`` assembled from ``chol_diag`` and ``chol_offdiag``: both
     are found in the graph (axis 0), and the Deterministic ``cov`` is recomputed."""
     em_idata, _ = fit_2d
     post = em_idata.posterior
-    rng = np.random.default_rng(2)
     names = ["w", "mu", "chol_diag", "chol_offdiag"]
     truth, shuffled, permutations = fake_draws(post, names, rng, k=2)
     assert 0.3 < permutations[..., 0].mean() < 0.7
@@ -270,7 +268,7 @@ def test_relabel_two_dimensional_recomputes_deterministics(fit_2d, model_2d):
     )
 
 
-def test_relabel_bernoulli_latent_flips_its_probability():
+def test_relabel_bernoulli_latent_flips_its_probability(rng):
     """``z ~ Bernoulli(psi)`` with ``mu[z]``: swapping the labels maps psi to 1 - psi."""
     with pm.Model(coords={"component": [0, 1], "obs": np.arange(4)}) as model:
         psi = pm.Beta("psi", 1, 1)
@@ -287,7 +285,6 @@ def test_relabel_bernoulli_latent_flips_its_probability():
         dims={"mu": ["component"], "lp_z": ["obs", "lp_z_dim"]},
         coords={"component": [0, 1], "obs": np.arange(4), "lp_z_dim": [0, 1]},
     )
-    rng = np.random.default_rng(3)
     psi_true = 0.3 + 0.01 * rng.normal(size=(N_CHAINS, N_DRAWS))
     mu_true = np.array([0.0, 5.0]) + 0.1 * rng.normal(size=(N_CHAINS, N_DRAWS, 2))
     swapped = rng.random((N_CHAINS, N_DRAWS)) < 0.5
@@ -301,7 +298,7 @@ def test_relabel_bernoulli_latent_flips_its_probability():
     np.testing.assert_array_equal(relabelled.posterior["mu"].values, mu_true)
 
 
-def test_relabel_markov_chain_permutes_both_axes_of_the_transition_matrix():
+def test_relabel_markov_chain_permutes_both_axes_of_the_transition_matrix(rng):
     pmx = pytest.importorskip("pymc_extras")
     k = 3
     with pm.Model(coords={"state": range(k), "time": range(5)}) as model:
@@ -320,7 +317,6 @@ def test_relabel_markov_chain_permutes_both_axes_of_the_transition_matrix():
         dims={"pi": ["state"], "mu": ["state"], "lp_s": ["time", "lp_s_dim"]},
         coords={"state": range(k), "time": range(5), "lp_s_dim": range(k)},
     )
-    rng = np.random.default_rng(4)
     permutations = np.stack([rng.permutation(k) for _ in range(N_CHAINS * N_DRAWS)]).reshape(
         N_CHAINS, N_DRAWS, k
     )
@@ -340,7 +336,7 @@ def test_relabel_markov_chain_permutes_both_axes_of_the_transition_matrix():
         np.testing.assert_array_equal(relabelled.posterior[name].values, values, err_msg=name)
 
 
-def test_relabel_observed_mixture_implicit_labels():
+def test_relabel_observed_mixture_implicit_labels(rng):
     """``pm.NormalMixture``: no latent in the model, ``lp_x`` in the EM result; the
     labels pm_em writes out (``mu[x__component]``) show which variables to permute."""
     with pm.Model(coords={"component": [0, 1], "obs": range(4)}) as model:
@@ -362,7 +358,6 @@ def test_relabel_observed_mixture_implicit_labels():
         },
         coords={"component": [0, 1], "obs": range(4), "lp_x_dim": [0, 1]},
     )
-    rng = np.random.default_rng(8)
     truth = {n: v * (1 + 0.02 * rng.normal(size=(N_CHAINS, N_DRAWS, 2))) for n, v in center.items()}
     swapped = (rng.random((N_CHAINS, N_DRAWS)) < 0.5)[..., None]
     draws = {n: np.where(swapped, v[..., ::-1], v) for n, v in truth.items()}
@@ -385,11 +380,10 @@ def string_coords_reference():
     )
 
 
-def test_relabel_by_dims_needs_to_know_the_component_dim():
+def test_relabel_by_dims_needs_to_know_the_component_dim(rng):
     """Coordinates ``["a", "b"]`` do not say which support value each is: the dims
     rule refuses to guess, and ``component_dims`` says it."""
     reference = string_coords_reference()
-    rng = np.random.default_rng(5)
     truth = np.array([1.0, 6.0]) + 0.1 * rng.normal(size=(N_CHAINS, N_DRAWS, 2))
     swapped = rng.random((N_CHAINS, N_DRAWS)) < 0.5
     draws = {"mu": np.where(swapped[..., None], truth[..., ::-1], truth)}

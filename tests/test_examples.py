@@ -2,7 +2,7 @@
 
 Three layers, each usable to locate a disagreement:
 
-* the NumPy references in ``reference_em`` against literature values, closed
+* the NumPy references in ``tests.references.em`` against literature values, closed
   forms, direct numerical maximisation, scikit-learn and brute-force
   enumeration (no PyMC, no ``pm_em``);
 * each example's PyMC model against the reference's complete-data
@@ -23,10 +23,13 @@ from typing import NamedTuple
 import numpy as np
 import pymc as pm
 import pytest
-from loading import load_example, load_reference
 from pymc.model.transform.conditioning import remove_value_transforms
 from scipy import optimize, special, stats
 from sklearn.mixture import GaussianMixture
+
+from tests.helpers import MAX_ITER, at_map
+from tests.references import em as ref
+from tests.references.brute_force import enumerate_latent_posterior
 
 # Reference EM runs stop once the log-likelihood changes by less than
 # REFERENCE_TOL (absolute); the engine's tol is per observation, like
@@ -35,12 +38,7 @@ from sklearn.mixture import GaussianMixture
 # multivariate means 1e-6 from the fixed point (EM contracts only by about 0.7
 # per iteration there); these leave every parameter well within RTOL.
 REFERENCE_TOL = 1e-12
-ENGINE_TOL = 1e-14
-MAX_ITER = 10_000
 RTOL = 1e-5
-
-
-ref = load_reference("reference_em")
 
 
 # ==========================================================================
@@ -48,11 +46,6 @@ ref = load_reference("reference_em")
 # ==========================================================================
 
 PEPPERED_MOTH_LITERATURE = np.array([0.07084, 0.18874, 0.74043])
-
-
-@pytest.fixture
-def rng():
-    return np.random.default_rng(20260501)
 
 
 def _simulated_normal_mixture(rng, n=300):
@@ -216,7 +209,7 @@ def test_brute_force_matches_reference_e_step(rng):
     x = rng.normal(size=4)
     w, mu, sigma = np.array([0.3, 0.7]), np.array([-0.5, 1.0]), np.array([0.8, 1.3])
     table = ref.normal_mixture_log_joint(x, w, mu, sigma)
-    log_marginal, log_marginals = ref.enumerate_latent_posterior(
+    log_marginal, log_marginals = enumerate_latent_posterior(
         lambda labels: table[np.arange(len(x)), labels].sum(), [[0, 1]] * len(x)
     )
     log_resp, loglik = ref.normal_mixture_e_step(x, w, mu, sigma)
@@ -238,7 +231,7 @@ def test_brute_force_handles_coupled_latents():
     def log_joint(labels):
         return 3 * np.log(0.5) + stats.norm.logpdf(y, sum(labels), 1.0)
 
-    log_marginal, log_marginals = ref.enumerate_latent_posterior(log_joint, [[0, 1]] * 3)
+    log_marginal, log_marginals = enumerate_latent_posterior(log_joint, [[0, 1]] * 3)
     np.testing.assert_allclose(log_marginal, _coupled_log_marginal(y), rtol=1e-12)
     # Exchangeable latents have identical marginals.
     np.testing.assert_allclose(log_marginals[0], log_marginals[2], atol=1e-12)
@@ -246,7 +239,7 @@ def test_brute_force_handles_coupled_latents():
 
 def test_brute_force_refuses_huge_problems():
     with pytest.raises(ValueError, match="expected at most 16 latent configurations"):
-        ref.enumerate_latent_posterior(lambda labels: 0.0, [[0, 1]] * 5, max_configurations=16)
+        enumerate_latent_posterior(lambda labels: 0.0, [[0, 1]] * 5, max_configurations=16)
 
 
 # ==========================================================================
@@ -279,7 +272,8 @@ class ExampleCase(NamedTuple):
 
 
 def _two_coins_case() -> ExampleCase:
-    example = load_example("two_coins")
+    from examples import two_coins as example
+
     heads, _ = example.simulate_data(n_trials=60, seed=11)
     coin_weights = np.array([0.5, 0.5])
     return ExampleCase(
@@ -298,7 +292,8 @@ def _two_coins_case() -> ExampleCase:
 
 
 def _gaussian_mixture_1d_case() -> ExampleCase:
-    example = load_example("gaussian_mixture")
+    from examples import gaussian_mixture as example
+
     x = example.simulate_data(n=300, seed=12)
     return ExampleCase(
         model=example.build_model(x),
@@ -316,7 +311,8 @@ def _gaussian_mixture_1d_case() -> ExampleCase:
 
 
 def _zero_inflated_poisson_case() -> ExampleCase:
-    example = load_example("zero_inflated_poisson")
+    from examples import zero_inflated_poisson as example
+
     x = example.simulate_data(n=400, seed=13)
     return ExampleCase(
         model=example.build_model(x),
@@ -339,7 +335,8 @@ def _hardy_weinberg(allele_freq):
 
 
 def _peppered_moth_case() -> ExampleCase:
-    example = load_example("peppered_moth")
+    from examples import peppered_moth as example
+
     phenotype = example.moth_phenotypes()
     return ExampleCase(
         model=example.build_model(phenotype),
@@ -372,7 +369,8 @@ def _cov_to_chol_params(cov):
 
 
 def _multivariate_mixture_case() -> ExampleCase:
-    example = load_example("multivariate_mixture")
+    from examples import multivariate_mixture as example
+
     X = example.simulate_data(n=300, seed=14)
     start, _ = example.kmeans_start(X)
 
@@ -426,36 +424,9 @@ def reference(case):
 
 
 @pytest.fixture(scope="module")
-def pm_em():
-    import pm_em
-
-    return pm_em
-
-
-@pytest.fixture(scope="module")
 def em(case, pm_em):
     """The compiled EM steps for the example model (compiled once per model)."""
     return pm_em.EM(case.model)
-
-
-@pytest.fixture(scope="module")
-def idata(case, pm_em):
-    """``find_MAP`` on the example model from the reference's start."""
-    return pm_em.find_MAP(
-        case.model,
-        initvals=case.start,
-        tol=ENGINE_TOL,
-        max_iter=MAX_ITER,
-        random_seed=0,
-        progressbar=False,
-    )
-
-
-def _at_map(dataset, name):
-    """Drop the chain and draw dimensions of a point estimate."""
-    values = dataset[name]
-    assert values.sizes["chain"] == 1 and values.sizes["draw"] == 1, values.sizes
-    return values.isel(chain=0, draw=0).values
 
 
 def _sample_latent(rng, log_resp):
@@ -529,7 +500,7 @@ def test_map_matches_reference(case, reference, idata):
     expected = reference.estimates | case.deterministics(reference.estimates)
     for name, value in expected.items():
         np.testing.assert_allclose(
-            _at_map(idata.posterior, name),
+            at_map(idata.posterior, name),
             value,
             rtol=RTOL,
             atol=1e-8,
@@ -552,13 +523,13 @@ def test_map_dims_follow_model(case, idata):
 
 
 def test_log_responsibilities_match_reference(case, reference, idata):
-    log_resp = _at_map(idata.posterior, f"lp_{case.latent}")
+    log_resp = at_map(idata.posterior, f"lp_{case.latent}")
     np.testing.assert_allclose(special.logsumexp(log_resp, axis=-1), 0.0, atol=1e-10)
     np.testing.assert_allclose(log_resp, reference.log_resp, rtol=RTOL, atol=RTOL)
 
 
 def test_latent_estimate_is_most_probable_value(case, reference, idata):
-    most_probable = _at_map(idata.posterior, case.latent)
+    most_probable = at_map(idata.posterior, case.latent)
     resp = np.sort(np.exp(reference.log_resp), axis=-1)
     # Near-ties may legitimately resolve either way at 1e-5 agreement.
     clear = resp[:, -1] - resp[:, -2] > 1e-4
@@ -567,7 +538,7 @@ def test_latent_estimate_is_most_probable_value(case, reference, idata):
 
 
 def test_log_likelihood_group_matches_reference(case, reference, idata):
-    pointwise = _at_map(idata.log_likelihood, case.observed)
+    pointwise = at_map(idata.log_likelihood, case.observed)
     expected = special.logsumexp(case.log_joint(reference.estimates), axis=-1)
     np.testing.assert_allclose(pointwise, expected, rtol=RTOL, atol=1e-8)
     np.testing.assert_allclose(pointwise.sum(), reference.loglik, rtol=1e-8)
@@ -614,7 +585,7 @@ def test_engine_matches_brute_force_on_tiny_mixture(pm_em):
             + stats.norm.logpdf(x, point["mu"][labels], point["sigma"][labels])
         )
 
-    log_marginal, log_marginals = ref.enumerate_latent_posterior(log_joint, [[0, 1]] * 3)
+    log_marginal, log_marginals = enumerate_latent_posterior(log_joint, [[0, 1]] * 3)
     em = pm_em.EM(model)
     np.testing.assert_allclose(em.logp(point), log_marginal, rtol=1e-10)
     np.testing.assert_allclose(em.e_step(point)["z"], np.stack(log_marginals), atol=1e-10)

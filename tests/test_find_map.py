@@ -5,10 +5,10 @@ import warnings
 
 import numpy as np
 import pymc as pm
-import pytensor
 import pytest
 
 import pm_em
+from tests.helpers import sample_briefly, snapshot
 
 N = 60
 
@@ -31,16 +31,6 @@ def model(data):
         pm.Normal("x", mu=mu[z], sigma=sigma[z], observed=data, dims="obs")
         pm.Deterministic("gap", mu[1] - mu[0])
     return model
-
-
-def snapshot(model):
-    """What a fit must not change: variables, values, initial values, the logp graph."""
-    return (
-        list(model.named_vars),
-        {rv.name: value.name for rv, value in model.rvs_to_values.items()},
-        dict(model.rvs_to_initial_values),
-        pytensor.printing.debugprint(model.logp(), file="str"),
-    )
 
 
 @pytest.fixture(scope="module")
@@ -121,16 +111,9 @@ def test_max_iter_warns(model):
 def test_model_untouched_and_still_samples(model, fitted):
     before, _ = fitted
     assert snapshot(model) == before
-    with model, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trace = pm.sample(
-            draws=20,
-            tune=20,
-            chains=1,
-            random_seed=1,
-            progressbar=False,
-            compute_convergence_checks=False,
-        )
+        trace = sample_briefly(model)
     assert set(trace.posterior.data_vars) == {"w", "mu", "sigma", "z", "gap"}
 
 

@@ -3,14 +3,13 @@ implementation (default mode) and the NumPy fallback (py linker)."""
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
 import pytest
 from pytensor.compile.mode import Mode
 from pytensor.gradient import NullTypeGradError
+from scipy.special import logsumexp
 
 from pm_em.estep.forward_backward import (
     ForwardBackward,
@@ -20,6 +19,7 @@ from pm_em.estep.forward_backward import (
     forward_filter,
     viterbi,
 )
+from tests.references.brute_force import enumerate_paths, log_posterior_marginals
 
 PY_MODE = Mode(linker="py", optimizer="fast_compile")
 # None: PyTensor's default mode (C thunks). "jax": the JAX implementations (lax.scan);
@@ -67,36 +67,13 @@ OUTPUT_NAMES = (
 # ---------------------------------------------------------------------------------------
 
 
-def _logsumexp(x, axis=None):
-    x = np.asarray(x, dtype=float)
-    top = np.max(x, axis=axis, keepdims=True)
-    shift = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore"):
-        total = np.log(np.sum(np.exp(x - shift), axis=axis, keepdims=True)) + shift
-    return np.squeeze(total, axis=axis) if axis is not None else total.item()
-
-
-def _path_log_joints(log_emission, log_transition, log_initial, n_steps):
-    """Every state path of ``n_steps`` steps (in ``itertools.product`` order) and its log
-    joint with the first ``n_steps`` observations."""
-    K = log_initial.shape[0]
-    paths = np.array(list(itertools.product(range(K), repeat=n_steps)), dtype=np.int64)
-    steps = np.arange(n_steps)
-    joint = log_initial[paths[:, 0]] + log_emission[steps, paths].sum(axis=1)
-    joint += log_transition[paths[:, :-1], paths[:, 1:]].sum(axis=1)
-    return paths, joint
-
-
 def brute_force(log_emission, log_transition, log_initial):
     """All six outputs of one sequence by enumerating its ``K**T`` paths."""
     T, K = log_emission.shape
-    paths, joint = _path_log_joints(log_emission, log_transition, log_initial, T)
-    log_likelihood = _logsumexp(joint)
+    paths, joint = enumerate_paths(log_initial, log_transition, log_emission)
+    log_likelihood, log_gamma = log_posterior_marginals(paths, joint, [K] * T)
     with np.errstate(invalid="ignore"):
         posterior = np.exp(joint - log_likelihood)  # NaN if impossible: not compared then
-    log_gamma = np.array(
-        [[_logsumexp(joint[paths[:, t] == k]) - log_likelihood for k in range(K)] for t in range(T)]
-    )
     counts = np.zeros((K, K))
     for t in range(1, T):
         np.add.at(counts, (paths[:, t - 1], paths[:, t]), posterior)
@@ -104,15 +81,15 @@ def brute_force(log_emission, log_transition, log_initial):
     log_predictive = np.empty((T, K))
     log_predictive[0] = log_initial
     for t in range(1, T):
-        prefixes, prefix_joint = _path_log_joints(log_emission, log_transition, log_initial, t)
+        prefixes, prefix_joint = enumerate_paths(log_initial, log_transition, log_emission[:t])
         with np.errstate(invalid="ignore"):
-            log_predictive[t] = _logsumexp(
+            log_predictive[t] = logsumexp(
                 prefix_joint[:, None] + log_transition[prefixes[:, -1]], axis=0
-            ) - _logsumexp(prefix_joint)
+            ) - logsumexp(prefix_joint)
 
     best = int(np.argmax(joint))
     return {
-        "log_gamma": log_gamma,
+        "log_gamma": np.stack(log_gamma),
         "transition_counts": counts,
         "log_likelihood": log_likelihood,
         "log_predictive": log_predictive,
@@ -180,8 +157,7 @@ def loglik_grad(request):
 # ---------------------------------------------------------------------------------------
 
 
-def test_random_chains_match_brute_force(hmm):
-    rng = np.random.default_rng(1)
+def test_random_chains_match_brute_force(hmm, rng):
     inputs = random_chains(rng)
     outputs = hmm(*inputs)
     assert_matches_brute_force(outputs, *inputs)
@@ -194,12 +170,11 @@ def test_random_chains_match_brute_force(hmm):
     assert outputs["path"].dtype == np.int64
 
 
-def test_zero_probabilities_match_brute_force(hmm):
-    rng = np.random.default_rng(2)
+def test_zero_probabilities_match_brute_force(hmm, rng):
     log_emission, log_transition, log_initial = random_chains(rng)
     log_transition[0, 1, 2] = -np.inf  # a zero transition
     log_transition[1, :, 0] = -np.inf  # state 0 can only be the first state
-    log_transition[1] -= _logsumexp(log_transition[1], axis=1)[:, None]
+    log_transition[1] -= logsumexp(log_transition[1], axis=1)[:, None]
     log_emission[0, 2, 1] = -np.inf  # an impossible emission
     log_emission[1, 3, :2] = -np.inf  # only state 2 can emit y_3
     log_initial[0, 0] = -np.inf  # a zero initial probability
@@ -210,10 +185,9 @@ def test_zero_probabilities_match_brute_force(hmm):
     np.testing.assert_array_equal(outputs["path"][1, 3], 2)
 
 
-def test_extreme_finite_values_match_brute_force(hmm):
+def test_extreme_finite_values_match_brute_force(hmm, rng):
     # Transition and emission log-probabilities hundreds of nats apart: the C code's
     # probability-space products underflow here and must fall back to log space.
-    rng = np.random.default_rng(3)
     log_emission, log_transition, log_initial = random_chains(rng)
     log_transition[0] = [[0.0, -900.0, -1200.0], [-800.0, 0.0, -700.0], [-5.0, -1000.0, 0.0]]
     log_transition[1] = [[-1e-300, -800.0, -2000.0], [-850.0, -900.0, 0.0], [0.0, -2.0, -3.0]]
@@ -223,8 +197,7 @@ def test_extreme_finite_values_match_brute_force(hmm):
     assert_matches_brute_force(outputs, log_emission, log_transition, log_initial)
 
 
-def test_impossible_sequence(hmm):
-    rng = np.random.default_rng(4)
+def test_impossible_sequence(hmm, rng):
     log_emission, log_transition, log_initial = random_chains(rng)
     log_transition[1, :, 2] = -np.inf
     log_emission[1, 2, :2] = -np.inf  # y_2 needs state 2, which cannot follow any state
@@ -248,8 +221,7 @@ def test_impossible_sequence(hmm):
 
 
 @pytest.mark.parametrize("where", ["emission", "transition", "initial", "plus_inf"])
-def test_invalid_input_gives_nan(hmm, where):
-    rng = np.random.default_rng(5)
+def test_invalid_input_gives_nan(hmm, where, rng):
     log_emission, log_transition, log_initial = random_chains(rng)
     if where == "emission":
         log_emission[1, 3, 0] = np.nan
@@ -272,10 +244,9 @@ def test_invalid_input_gives_nan(hmm, where):
     )
 
 
-def test_far_away_data(hmm):
+def test_far_away_data(hmm, rng):
     # Emissions around -1e6 (finite, huge): every output is finite and equals that of the
     # same data shifted by a constant per step, except log p(y), which shifts by the sum.
-    rng = np.random.default_rng(6)
     log_emission, log_transition, log_initial = random_chains(rng, B=2, T=300, K=3)
     offsets = -1e6 * (1.0 + rng.random(size=(2, 300, 1)))
     far_emission = log_emission + offsets
@@ -295,21 +266,19 @@ def test_far_away_data(hmm):
     np.testing.assert_array_equal(far["path"], near["path"])
 
 
-def test_single_step(hmm):
-    rng = np.random.default_rng(7)
+def test_single_step(hmm, rng):
     log_emission, log_transition, log_initial = random_chains(rng, T=1)
     outputs = hmm(log_emission, log_transition, log_initial)
     assert_matches_brute_force(outputs, log_emission, log_transition, log_initial)
     np.testing.assert_array_equal(outputs["transition_counts"], 0.0)
     np.testing.assert_allclose(
-        outputs["log_likelihood"], _logsumexp(log_initial + log_emission[:, 0], axis=1)
+        outputs["log_likelihood"], logsumexp(log_initial + log_emission[:, 0], axis=1)
     )
 
 
-def test_c_and_fallback_agree_on_a_long_chain(hmm):
+def test_c_and_fallback_agree_on_a_long_chain(hmm, rng):
     # Both implementations against one NumPy-only reference: the py fixture's result is
     # recomputed here through the Ops' perform methods directly.
-    rng = np.random.default_rng(8)
     log_emission, log_transition, log_initial = random_chains(rng, B=3, T=400, K=4)
     log_transition[0, 2, :3] = -np.inf
     log_emission[2, 100:120, 1] = -np.inf
@@ -329,8 +298,7 @@ def test_c_and_fallback_agree_on_a_long_chain(hmm):
         np.testing.assert_allclose(outputs[name], reference[name], rtol=1e-9, atol=1e-9)
 
 
-def test_shape_mismatch_raises(hmm):
-    rng = np.random.default_rng(9)
+def test_shape_mismatch_raises(hmm, rng):
     log_emission, log_transition, log_initial = random_chains(rng)
     with pytest.raises(ValueError, match="shapes do not match"):
         hmm(log_emission, log_transition[:1], log_initial)
@@ -338,8 +306,7 @@ def test_shape_mismatch_raises(hmm):
         hmm(log_emission[:, :0], log_transition, log_initial)
 
 
-def test_log_likelihood_gradient_matches_finite_differences(loglik_grad):
-    rng = np.random.default_rng(10)
+def test_log_likelihood_gradient_matches_finite_differences(loglik_grad, rng):
     log_emission, log_transition, log_initial = random_chains(rng, T=6)
     log_transition[1, 0, 1] = -np.inf  # gradient 0 there, no NaN anywhere
     log_emission[0, 3, 2] = -np.inf
@@ -361,8 +328,7 @@ def test_log_likelihood_gradient_matches_finite_differences(loglik_grad):
         assert np.all(grad[np.isneginf(x)] == 0.0)
 
 
-def test_log_likelihood_gradient_verify_grad():
-    rng = np.random.default_rng(11)
+def test_log_likelihood_gradient_verify_grad(rng):
     inputs = random_chains(rng, T=4)
     pytensor.gradient.verify_grad(
         lambda le, lt, li: forward_backward(le, lt, li)[2], list(inputs), rng=rng
@@ -378,8 +344,7 @@ def test_gradient_through_marginals_is_not_implemented():
         pytensor.grad(counts.sum(), lt)
 
 
-def test_unbatched_transition_and_initial_are_broadcast():
-    rng = np.random.default_rng(12)
+def test_unbatched_transition_and_initial_are_broadcast(rng):
     log_emission, log_transition, log_initial = random_chains(rng)
     le = pt.tensor3("le")
     outputs = forward_backward(le, pt.as_tensor(log_transition[0]), pt.as_tensor(log_initial[0]))

@@ -5,9 +5,9 @@ a forward–backward E-step, closed-form Dirichlet updates of the transition row
 of the initial distribution, emissions through the mixture machinery. Three layers,
 each usable to locate a disagreement:
 
-* the NumPy reference (``reference_hmm``) against brute-force enumeration of every
+* the NumPy reference (``tests.references.hmm``) against brute-force enumeration of every
   state path and against hmmlearn 0.3 from the same start (no PyMC, no pm_em). The
-  hmmlearn settings that give the plain MLE are listed in ``reference_hmm``'s
+  hmmlearn settings that give the plain MLE are listed in ``tests.references.hmm``'s
   docstring and pinned down by ``test_hmmlearn_*`` below;
 * each PyMC model against the reference's complete-data log-density, with the chain
   fixed (PyMC and pymc-extras only: is the model the intended one?);
@@ -33,14 +33,14 @@ import arviz as az
 import numpy as np
 import pymc as pm
 import pytest
-from loading import load_example, load_reference
 from scipy import special
+
+from tests.helpers import ENGINE_TOL, MAX_ITER, at_map
+from tests.references import hmm as ref
 
 pmx = pytest.importorskip("pymc_extras")
 hmmlearn_hmm = pytest.importorskip("hmmlearn.hmm")
 
-
-ref = load_reference("reference_hmm")
 
 # pm_em's tol is on the change of the log-posterior per observation; the reference
 # and hmmlearn take an absolute change, so they get ENGINE_TOL * N. At N of a few
@@ -48,8 +48,6 @@ ref = load_reference("reference_hmm")
 # method stops at its noise floor, where the parameters agree far inside RTOL (in a
 # trial run, stopping at an absolute 1e-12 rather than 1e-13 moved no parameter by
 # more than 4e-6 relative, and that one a mean near zero).
-ENGINE_TOL = 1e-14
-MAX_ITER = 10_000
 RTOL = 1e-5
 # Probabilities that head for zero (a single sequence's initial distribution goes to
 # a vertex geometrically) are compared on an absolute scale.
@@ -210,7 +208,7 @@ CASE_BUILDERS: dict[str, Callable[[], HMMCase]] = {
 
 
 def fit_hmmlearn(case: HMMCase, tol: float):
-    """hmmlearn's Baum–Welch from ``case.start``, unregularised (see reference_hmm)."""
+    """hmmlearn's Baum–Welch from ``case.start``, unregularised (see tests.references.hmm)."""
     n_states = len(case.start["pi"])
     common = {"init_params": "", "n_iter": MAX_ITER, "tol": tol}
     if case.emission == "gaussian":
@@ -269,35 +267,8 @@ def hmmlearn_fit(case):
     return fit_hmmlearn(case, tol=ENGINE_TOL * case.n_obs)
 
 
-@pytest.fixture(scope="module")
-def pm_em():
-    import pm_em
-
-    return pm_em
-
-
-@pytest.fixture(scope="module")
-def idata(case, pm_em):
-    """``find_MAP`` from the common start (one compilation and fit per case)."""
-    return pm_em.find_MAP(
-        case.model,
-        initvals=case.start,
-        tol=ENGINE_TOL,
-        max_iter=MAX_ITER,
-        random_seed=0,
-        progressbar=False,
-    )
-
-
-def _at_map(dataset, name):
-    """Drop the (chain, draw) = (1, 1) dimensions of a point estimate."""
-    values = dataset[name]
-    assert values.sizes["chain"] == 1 and values.sizes["draw"] == 1, values.sizes
-    return values.isel(chain=0, draw=0).values
-
-
 def _fitted(case, idata):
-    return {name: _at_map(idata.posterior, name) for name in case.start}
+    return {name: at_map(idata.posterior, name) for name in case.start}
 
 
 def _assert_params_close(actual, expected, rtol=RTOL, atol=ATOL, what=""):
@@ -314,9 +285,8 @@ def _assert_params_close(actual, expected, rtol=RTOL, atol=ATOL, what=""):
 
 
 @pytest.fixture
-def tiny_chain():
+def tiny_chain(rng):
     """A 3-state chain of 6 steps (729 paths), with one forbidden transition."""
-    rng = np.random.default_rng(7)
     P = rng.dirichlet(np.ones(3), size=3)
     P[0, 2] = 0.0
     P[0] /= P[0].sum()
@@ -350,9 +320,8 @@ def test_reference_viterbi_matches_brute_force(tiny_chain):
     np.testing.assert_allclose(log_joint, direct, rtol=1e-12)
 
 
-def test_reference_log_space_survives_long_chains():
+def test_reference_log_space_survives_long_chains(rng):
     """No underflow where a product of probabilities would reach 1e-300 long before."""
-    rng = np.random.default_rng(8)
     y = rng.normal(size=5000) * 30.0
     params = {
         "pi": np.full(2, 0.5),
@@ -552,7 +521,7 @@ def test_lp_s_matches_reference_log_gamma(case, idata):
     """``lp_s`` is the reference's forward–backward at pm_em's own fitted parameters."""
     fitted = _fitted(case, idata)
     expected = np.stack([p.log_gamma for p in ref.posteriors(case.y, fitted, case.emission)])
-    lp = _at_map(idata.posterior, "lp_s").reshape(expected.shape)
+    lp = at_map(idata.posterior, "lp_s").reshape(expected.shape)
     np.testing.assert_allclose(special.logsumexp(lp, axis=-1), 0.0, atol=1e-9)
     np.testing.assert_allclose(np.exp(lp), np.exp(expected), atol=1e-10)
     # On the log scale where the probability is not negligible.
@@ -562,14 +531,14 @@ def test_lp_s_matches_reference_log_gamma(case, idata):
 
 def test_lp_s_matches_reference_run(case, reference, idata):
     """Both runs at their noise floor: the state probabilities agree closely too."""
-    lp = _at_map(idata.posterior, "lp_s").reshape(reference.log_gamma.shape)
+    lp = at_map(idata.posterior, "lp_s").reshape(reference.log_gamma.shape)
     np.testing.assert_allclose(np.exp(lp), np.exp(reference.log_gamma), atol=1e-5)
 
 
 def test_s_is_the_viterbi_path(case, idata):
     fitted = _fitted(case, idata)
     expected = np.stack(ref.viterbi_paths(case.y, fitted, case.emission)).reshape(case.y.shape)
-    np.testing.assert_array_equal(_at_map(idata.posterior, "s"), expected)
+    np.testing.assert_array_equal(at_map(idata.posterior, "s"), expected)
 
 
 def test_em_stats_trace(case, reference, idata):
@@ -607,7 +576,7 @@ def test_flat_priors_add_log_gamma_k_per_dirichlet(case, idata):
 def test_log_likelihood_group_is_one_step_predictive(case, idata):
     """The pointwise pieces are ``log p(y_t | y_1..y_{t-1})`` (the chain rule in time
     order, per sequence), and add up to the observed-data log-likelihood."""
-    pointwise = _at_map(idata.log_likelihood, "y")
+    pointwise = at_map(idata.log_likelihood, "y")
     assert pointwise.shape == case.y.shape
     fitted = _fitted(case, idata)
     post = ref.posteriors(case.y, fitted, case.emission)
@@ -670,7 +639,9 @@ def test_engine_matches_brute_force_on_tiny_chain(pm_em):
 
 @pytest.fixture(scope="module")
 def hmm_example():
-    return load_example("hmm")
+    from examples import hmm
+
+    return hmm
 
 
 def test_example_em_matches_reference(hmm_example, pm_em):
@@ -685,7 +656,7 @@ def test_example_em_matches_reference(hmm_example, pm_em):
         progressbar=False,
     )
     expected = ref.baum_welch(y, start, emission="gaussian", tol=ENGINE_TOL * y.size)
-    fitted = {name: _at_map(idata.posterior, name) for name in start}
+    fitted = {name: at_map(idata.posterior, name) for name in start}
     _assert_params_close(fitted, expected.estimates, what="reference")
 
 

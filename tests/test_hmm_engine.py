@@ -17,6 +17,7 @@ from scipy.special import logsumexp
 
 import pm_em
 from pm_em.errors import UnsupportedModelError
+from tests.references.brute_force import enumerate_model
 
 pmx = pytest.importorskip("pymc_extras")
 
@@ -65,11 +66,8 @@ def tiny():
 
 def _path_logps(model, point):
     """PyMC's joint log-density (no Jacobian) at ``point`` for every state path."""
-    logp_fn = model.compile_logp(jacobian=False)
-    em = pm_em.EM(model)
-    values = dict(zip([p.value.name for p in em.params], em.to_values(point)))
-    paths = np.array(list(itertools.product(range(N_STATES), repeat=N_STEPS)))
-    return paths, np.array([logp_fn({**values, "s": path}) for path in paths])
+    exact = enumerate_model(model, point, {"s": range(N_STATES)})
+    return exact.configurations["s"], exact.log_joint
 
 
 @pytest.fixture(scope="module")

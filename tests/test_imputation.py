@@ -95,6 +95,33 @@ class Case:
         return marginal_loglik(log_pc, means, sigma, self.c, self.y) + self.log_prior(params)
 
 
+def _linear_case(model, c, y, support, pieces, prob, beta_prior):
+    """The Bernoulli and Binomial cases: ``y ~ Normal(alpha + beta * c, sigma)`` with
+    ``alpha, beta ~ Normal(0, 10)``, ``sigma ~ HalfNormal(5)``, and the probability
+    ``prob ~ Beta(*beta_prior)`` of the covariate ``c``."""
+
+    def unpack(theta):
+        return {
+            prob: expit(theta[0]),
+            "alpha": theta[1],
+            "beta": theta[2],
+            "sigma": np.exp(theta[3]),
+        }
+
+    def log_prior(v):
+        return (
+            stats.beta.logpdf(v[prob], *beta_prior)
+            + stats.norm.logpdf(v["alpha"], 0, 10)
+            + stats.norm.logpdf(v["beta"], 0, 10)
+            + stats.halfnorm.logpdf(v["sigma"], scale=5)
+        )
+
+    names = [prob, "alpha", "beta", "sigma"]
+    return Case(
+        model, c, y, support, unpack, pieces, log_prior, np.zeros(4), names, [prob, "sigma"]
+    )
+
+
 def bernoulli_case():
     rng = np.random.default_rng(5)
     n, missing = 16, [1, 4, 8, 11, 15]
@@ -110,38 +137,11 @@ def bernoulli_case():
     c = c.copy()
     c[missing] = -1
 
-    def unpack(theta):
-        return {
-            "p": expit(theta[0]),
-            "alpha": theta[1],
-            "beta": theta[2],
-            "sigma": np.exp(theta[3]),
-        }
-
     def pieces(v):
         log_pc = np.log([1 - v["p"], v["p"]])
         return log_pc, v["alpha"] + v["beta"] * np.arange(2), v["sigma"]
 
-    def log_prior(v):
-        return (
-            stats.beta.logpdf(v["p"], 1, 1)
-            + stats.norm.logpdf(v["alpha"], 0, 10)
-            + stats.norm.logpdf(v["beta"], 0, 10)
-            + stats.halfnorm.logpdf(v["sigma"], scale=5)
-        )
-
-    return Case(
-        model,
-        c,
-        y,
-        np.arange(2),
-        unpack,
-        pieces,
-        log_prior,
-        np.zeros(4),
-        ["p", "alpha", "beta", "sigma"],
-        ["p", "sigma"],
-    )
+    return _linear_case(model, c, y, np.arange(2), pieces, "p", (1, 1))
 
 
 def categorical_case():
@@ -205,38 +205,11 @@ def binomial_case():
     c = c.copy()
     c[missing] = -1
 
-    def unpack(theta):
-        return {
-            "q": expit(theta[0]),
-            "alpha": theta[1],
-            "beta": theta[2],
-            "sigma": np.exp(theta[3]),
-        }
-
     def pieces(v):
         k = np.arange(5)
         return stats.binom.logpmf(k, 4, v["q"]), v["alpha"] + v["beta"] * k, v["sigma"]
 
-    def log_prior(v):
-        return (
-            stats.beta.logpdf(v["q"], 2, 2)
-            + stats.norm.logpdf(v["alpha"], 0, 10)
-            + stats.norm.logpdf(v["beta"], 0, 10)
-            + stats.halfnorm.logpdf(v["sigma"], scale=5)
-        )
-
-    return Case(
-        model,
-        c,
-        y,
-        np.arange(5),
-        unpack,
-        pieces,
-        log_prior,
-        np.zeros(4),
-        ["q", "alpha", "beta", "sigma"],
-        ["q", "sigma"],
-    )
+    return _linear_case(model, c, y, np.arange(5), pieces, "q", (2, 2))
 
 
 CASES = {

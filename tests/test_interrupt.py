@@ -8,22 +8,17 @@ import threading
 import time
 
 import numpy as np
-import pymc as pm
 import pytest
 
 import pm_em
+from tests.models import normal_mixture
 
 
 @pytest.fixture(scope="module")
 def model():
     rng = np.random.default_rng(3)
     x = np.concatenate([rng.normal(-1.0, 1.0, 60), rng.normal(1.5, 1.0, 60)])
-    with pm.Model() as model:
-        w = pm.Dirichlet("w", np.ones(2))
-        mu = pm.Normal("mu", 0.0, 10.0, shape=2)
-        sigma = pm.InverseGamma("sigma", 2.0, 1.0, shape=2)
-        z = pm.Categorical("z", w, shape=len(x))
-        pm.Normal("x", mu[z], sigma[z], observed=x)
+    model = normal_mixture(x)
     pm_em.EM(model)  # compiled once for the module
     return model
 

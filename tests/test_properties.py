@@ -4,9 +4,10 @@ Properties
 ----------
 1. **The E-step is exact.** On tiny models (3-5 observations, 2-3 support values),
    the responsibilities and the observed-data log-posterior equal a brute-force
-   reference: PyMC's own joint log-density (``model.compile_logp(jacobian=False)``)
-   evaluated at every joint configuration of all latents, normalized jointly, then
-   summed into per-element marginals. Responsibilities sum to one. The models cover
+   reference (``tests.references.brute_force``): PyMC's own joint log-density
+   (``model.compile_logp(jacobian=False)``) evaluated at every joint configuration of
+   all latents, normalized jointly, then summed into per-element marginals.
+   Responsibilities sum to one. The models cover
    an element-wise mixture, two interacting latents (a global regime shifting every
    element's mixture; a latent whose distribution is indexed by another), repeated
    measures (one latent element per group, groups in any order) and a zero-inflated
@@ -33,22 +34,21 @@ observation belongs to which latent element) are not picked up (strict ``xfail``
 routine keeps the latent-element map of the data it was built with).
 """
 
-import itertools
 import types
 import warnings
 
 import numpy as np
 import pymc as pm
-import pytensor
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-from pytensor.tensor.variable import TensorConstant
 from scipy.special import logsumexp
 
 import pm_em
 from pm_em.routine.em import cached_routine
+from tests.helpers import latent_supports, sample_briefly, snapshot
+from tests.references.brute_force import ModelEnumerator
 
 # Hypothesis: reproducible examples (CI sees the same ones), no example database, no
 # deadline (the first call of a compiled function is slower than the others).
@@ -173,44 +173,6 @@ def repeated_model():
     return model
 
 
-def _frozen(value):
-    """A hashable, exactly comparable stand-in for an array."""
-    value = np.asarray(value)
-    return (str(value.dtype), value.shape, value.tobytes())
-
-
-def snapshot(model) -> dict:
-    """Everything a fit must leave as it was."""
-    observed = {}
-    for rv in model.observed_RVs:
-        value = model.rvs_to_values[rv]
-        # A constant, a pm.Data shared variable, or a cast of one (integer pm.Data).
-        data = value.eval() if not isinstance(value, TensorConstant) else value.data
-        observed[rv.name] = (type(value).__name__, str(value.type), _frozen(data))
-    return {
-        "named_vars": list(model.named_vars),
-        "free_RVs": [rv.name for rv in model.free_RVs],
-        "observed_RVs": [rv.name for rv in model.observed_RVs],
-        "deterministics": [d.name for d in model.deterministics],
-        "rvs_to_values": {
-            rv.name: (value.name, str(value.type)) for rv, value in model.rvs_to_values.items()
-        },
-        "rvs_to_transforms": {
-            rv.name: type(t).__name__ for rv, t in model.rvs_to_transforms.items()
-        },
-        "rvs_to_initial_values": {
-            rv.name: repr(v) for rv, v in model.rvs_to_initial_values.items()
-        },
-        "named_vars_to_dims": dict(model.named_vars_to_dims),
-        "coords": {name: tuple(values) for name, values in model.coords.items()},
-        "dim_lengths": {name: int(length.eval()) for name, length in model.dim_lengths.items()},
-        "initial_point": {k: _frozen(v) for k, v in model.initial_point(random_seed=0).items()},
-        "logp_graph": pytensor.printing.debugprint(model.logp(), file="str"),
-        "data": {d.name: _frozen(d.get_value()) for d in model.data_vars},
-        "observed": observed,
-    }
-
-
 class Fixed(types.SimpleNamespace):
     """A model with its compiled EM routine, brute-force log-density and defaults."""
 
@@ -226,38 +188,23 @@ def _setup(build, data_name):
     return Fixed(
         model=model,
         em=em,
-        joint_logp=model.compile_logp(jacobian=False),
-        # The latents' current shapes, from the model (not from pm_em's analysis).
-        latent_shapes=pytensor.function([], [lat.rv.shape for lat in em.latents]),
+        exact=ModelEnumerator(model, latent_supports(em)),
         data_name=data_name,
         default=default,
         before=before,
     )
 
 
-@pytest.fixture(scope="module")
-def mixture():
-    return _setup(mixture_model, "x_data")
+def _fixed_fixture(name, build, data_name):
+    """The module-scoped fixture ``name``: :func:`_setup` of one model (compiled once)."""
+    return pytest.fixture(scope="module", name=name)(lambda: _setup(build, data_name))
 
 
-@pytest.fixture(scope="module")
-def zip_fixed():
-    return _setup(zip_model, "y_data")
-
-
-@pytest.fixture(scope="module")
-def regime():
-    return _setup(regime_model, "x_data")
-
-
-@pytest.fixture(scope="module")
-def chained():
-    return _setup(chained_model, "x_data")
-
-
-@pytest.fixture(scope="module")
-def repeated():
-    return _setup(repeated_model, "y_data")
+mixture = _fixed_fixture("mixture", mixture_model, "x_data")
+zip_fixed = _fixed_fixture("zip_fixed", zip_model, "y_data")
+regime = _fixed_fixture("regime", regime_model, "x_data")
+chained = _fixed_fixture("chained", chained_model, "x_data")
+repeated = _fixed_fixture("repeated", repeated_model, "y_data")
 
 
 def set_data(fixed, values, **coords):
@@ -270,31 +217,8 @@ def set_data(fixed, values, **coords):
 def brute_force(fixed, point):
     """Exact ``log p(data, theta)`` (latents summed out) and posterior marginal of
     every latent element, by enumerating all joint configurations of all latents."""
-    em = fixed.em
-    values = dict(zip((p.value.name for p in em.params), em.to_values(point)))
-    latents = em.latents
-    shapes = [tuple(int(n) for n in shape) for shape in fixed.latent_shapes()]
-    sizes = [int(np.prod(shape, dtype=int)) for shape in shapes]
-    settings_ = list(
-        itertools.product(
-            *(itertools.product(lat.support, repeat=size) for lat, size in zip(latents, sizes))
-        )
-    )
-    log_joint = np.empty(len(settings_))
-    for c, setting in enumerate(settings_):
-        full = dict(values)
-        for lat, shape, elements in zip(latents, shapes, setting):
-            full[lat.value.name] = np.asarray(elements, dtype=lat.value.dtype).reshape(shape)
-        log_joint[c] = fixed.joint_logp(full)
-    log_marginal = logsumexp(log_joint)
-    posterior = np.exp(log_joint - log_marginal)
-    marginals = {}
-    for a, (lat, shape, size) in enumerate(zip(latents, shapes, sizes)):
-        probs = np.zeros((size, lat.n_support))
-        for weight, setting in zip(posterior, settings_):
-            probs[np.arange(size), np.searchsorted(lat.support, setting[a])] += weight
-        marginals[lat.name] = probs.reshape(*shape, lat.n_support)
-    return log_marginal, marginals
+    exact = fixed.exact(point)
+    return exact.log_marginal, {name: np.exp(lp) for name, lp in exact.log_marginals.items()}
 
 
 def assert_e_step_exact(fixed, point):
@@ -509,16 +433,7 @@ def test_fit_leaves_the_model_untouched_and_it_still_samples(mixture):
     idata = fit(mixture.model, random_seed=3, n_init=2, accelerate="squarem", max_iter=MAX_ITER)
     assert snapshot(mixture.model) == mixture.before
     np.testing.assert_array_equal(idata.observed_data["x"].values, mixture.default)
-    with mixture.model:
-        trace = pm.sample(
-            draws=20,
-            tune=20,
-            chains=1,
-            cores=1,
-            random_seed=1,
-            progressbar=False,
-            compute_convergence_checks=False,
-        )
+    trace = sample_briefly(mixture.model)
     assert set(trace.posterior.data_vars) == {"w", "mu", "sigma", "z", "spread"}
     assert snapshot(mixture.model) == mixture.before
 
@@ -537,16 +452,7 @@ def test_implicit_mixture_model_untouched_and_still_samples():
     fit(model, random_seed=1, max_iter=MAX_ITER)
     assert snapshot(model) == before
     np.testing.assert_array_equal(x, given_x)
-    with model:
-        trace = pm.sample(
-            draws=20,
-            tune=20,
-            chains=1,
-            cores=1,
-            random_seed=1,
-            progressbar=False,
-            compute_convergence_checks=False,
-        )
+    trace = sample_briefly(model)
     assert set(trace.posterior.data_vars) == {"w", "mu", "sigma"}
 
 
@@ -626,8 +532,7 @@ def test_new_data_length_matches_a_fresh_model(mixture):
         reference = Fixed(
             model=fresh,
             em=routine,
-            joint_logp=fresh.compile_logp(jacobian=False),
-            latent_shapes=pytensor.function([], [fresh["z"].shape]),
+            exact=ModelEnumerator(fresh, latent_supports(routine)),
             data_name="x_data",
         )
         log_marginal, marginals = brute_force(reference, end)

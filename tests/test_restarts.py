@@ -10,7 +10,6 @@ import warnings
 import numpy as np
 import pymc as pm
 import pytest
-from loading import load_example
 from sklearn.cluster import KMeans
 
 import pm_em
@@ -21,7 +20,8 @@ TOL = 1e-10
 
 @pytest.fixture(scope="module")
 def mixture():
-    example = load_example("gaussian_mixture")
+    from examples import gaussian_mixture as example
+
     x = example.simulate_data(n=400)
     model = example.build_model(x)
     return model, example.initial_values(x)
@@ -29,7 +29,8 @@ def mixture():
 
 @pytest.fixture(scope="module")
 def zip_model():
-    example = load_example("zero_inflated_poisson")
+    from examples import zero_inflated_poisson as example
+
     x = example.simulate_data(n=400)
     return example.build_model(x), {"psi": np.array(0.5), "rate": np.array(3.0)}
 
@@ -140,10 +141,9 @@ def test_dict_start(mixture):
     assert idata.em_stats.attrs["init"] == "values"
 
 
-def test_default_start_escapes_the_symmetric_saddle():
+def test_default_start_escapes_the_symmetric_saddle(rng):
     """From the model's default point both components are identical; EM alone would
     stay there. Every default start (jitter or k-means) must separate them."""
-    rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(-2, 1, 150), rng.normal(2, 1, 150)])
     with pm.Model() as model:
         w = pm.Dirichlet("w", a=np.ones(2))

@@ -5,22 +5,17 @@ an independent log-space computation in NumPy/SciPy."""
 import numpy as np
 import pymc as pm
 import pytest
-from loading import load_example
 from scipy import special, stats
 
 import pm_em
+from tests.models import normal_mixture, unit_scale_mixture
 
 FAR = np.array([-0.3, 0.1, 0.4, 2.2, 2.9, 1.0e6, -3.0e6])
 
 
 @pytest.fixture(scope="module")
 def far_model():
-    with pm.Model() as model:
-        w = pm.Dirichlet("w", np.ones(2))
-        mu = pm.Normal("mu", 0.0, 10.0, shape=2)
-        sigma = pm.InverseGamma("sigma", 2.0, 1.0, shape=2)
-        z = pm.Categorical("z", w, shape=len(FAR))
-        pm.Normal("x", mu[z], sigma[z], observed=FAR)
+    model = normal_mixture(FAR)
     pm_em.EM(model)
     return model
 
@@ -67,7 +62,8 @@ def test_impossible_genotypes_get_exactly_zero_responsibility():
     """The peppered moth: a phenotype rules out genotypes (P(phenotype | genotype) =
     0), so those entries are log(0) = -inf in the tables; they must stay exactly
     -inf, and never turn the possible ones into NaN."""
-    moth = load_example("peppered_moth")
+    from examples import peppered_moth as moth
+
     phenotype = moth.moth_phenotypes()
     em = pm_em.EM(moth.build_model(phenotype))
     allele_freq = np.array([0.2, 0.3, 0.5])
@@ -109,23 +105,13 @@ def test_a_component_of_prior_probability_zero_is_left_at_its_prior_mode():
     np.testing.assert_allclose(mu[:2], expected, rtol=1e-8)
 
 
-def test_data_of_a_new_length_rebuilds_the_routine():
+def test_data_of_a_new_length_rebuilds_the_routine(rng):
     """pm.set_data with a new length: find_MAP rebuilds (the latents' sizes come from
     the data) and matches a model built on the new data; an EM built before refuses."""
-    rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(-2.0, 1.0, 20), rng.normal(2.0, 1.0, 20)])
     longer = np.concatenate([x, rng.normal(2.0, 1.0, 10)])
 
-    def build(data, mutable):
-        with pm.Model(coords={"obs": np.arange(len(data))}) as model:
-            observed = pm.Data("data", data, dims="obs") if mutable else data
-            w = pm.Dirichlet("w", np.ones(2))
-            mu = pm.Normal("mu", 0.0, 10.0, shape=2)
-            z = pm.Categorical("z", w, dims="obs")
-            pm.Normal("x", mu[z], 1.0, observed=observed, dims="obs")
-        return model
-
-    model = build(x, mutable=True)
+    model = unit_scale_mixture(x)
     start = {"mu": np.array([-1.0, 1.0])}
     options = {"initvals": start, "progressbar": False, "tol": 1e-12, "random_seed": 3}
     pm_em.find_MAP(model, **options)
@@ -133,7 +119,7 @@ def test_data_of_a_new_length_rebuilds_the_routine():
     with model:
         pm.set_data({"data": longer}, coords={"obs": np.arange(len(longer))})
     idata = pm_em.find_MAP(model, **options)
-    reference = pm_em.find_MAP(build(longer, mutable=False), **options)
+    reference = pm_em.find_MAP(unit_scale_mixture(longer, mutable=False), **options)
     assert idata.posterior["lp_z"].shape == (1, 1, len(longer), 2)
     for name in ("w", "mu", "lp_z"):
         np.testing.assert_allclose(

@@ -10,7 +10,6 @@ import numpy as np
 import pymc as pm
 import pytensor.tensor as pt
 import pytest
-from loading import load_example
 from scipy import optimize, stats
 from scipy.special import expit, logsumexp
 from sklearn.cluster import KMeans
@@ -104,7 +103,8 @@ def test_kmeans_start_of_mvnormal_cov(mvnormal_cov, blobs):
 def test_kmeans_fit_of_mvnormal_chol_matches_sklearn():
     """Full covariances (Cholesky factor ``chol[z]``, flat priors: MAP = MLE) from a
     k-means start, against scikit-learn's GaussianMixture from its k-means start."""
-    example = load_example("multivariate_mixture")
+    from examples import multivariate_mixture as example
+
     X = example.simulate_data(n=300)
     model = example.build_model(X)
     idata = pm_em.find_MAP(model, init="kmeans", tol=1e-12, random_seed=2, progressbar=False)
@@ -231,7 +231,8 @@ def test_hierarchical_mixture_reaches_the_mode(hierarchical, hierarchical_mode, 
 
 
 def test_init_records_the_strategy_used():
-    zip_model = load_example("zero_inflated_poisson")
+    from examples import zero_inflated_poisson as zip_model
+
     zip_model = zip_model.build_model(zip_model.simulate_data(n=200))
     auto = pm_em.find_MAP(zip_model, random_seed=1, progressbar=False)
     assert auto.em_stats.attrs["init"] == "jitter"  # no location indexed by a latent

@@ -16,7 +16,7 @@ the probability scale: the "from" state is the first axis, as in
 emission parameters; they are given as a 2-D array ``(n_sequences, T)`` or a list of
 1-D arrays of any lengths.
 
-The EM loop (:func:`baum_welch`) follows ``reference_em.run_em``: an E-step at the
+The EM loop (:func:`baum_welch`) follows ``tests.references.em.run_em``: an E-step at the
 start, then M-step, E-step, and a stop once the observed-data log-*posterior* changed
 by less than ``tol`` (absolute) in one iteration. Priors enter as in PyMC without
 Jacobian terms: ``Dirichlet(a)`` pseudo-counts ``a - 1`` on each transition row and
@@ -54,12 +54,13 @@ Findings about hmmlearn 0.3.3, checked in ``tests/test_hmm.py``
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import special
+
+from tests.references.brute_force import enumerate_paths, log_posterior_marginals
 
 __all__ = [
     "BaumWelchResult",
@@ -277,28 +278,21 @@ def brute_force(
         If ``K**T`` exceeds ``max_paths``.
     """
     n_steps, n_states = log_emission.shape
-    if n_states**n_steps > max_paths:
-        raise ValueError(f"{n_states}**{n_steps} paths exceed max_paths={max_paths}")
-    paths = np.array(list(itertools.product(range(n_states), repeat=n_steps)))
-    log_path_prior = log_init[paths[:, 0]] + log_trans[paths[:, :-1], paths[:, 1:]].sum(axis=1)
-    log_emitted = np.cumsum(log_emission[np.arange(n_steps), paths], axis=1)
-    log_joint = log_path_prior + log_emitted[:, -1]
-    loglik = float(special.logsumexp(log_joint))
+    paths, log_joint = enumerate_paths(
+        log_init, log_trans, log_emission, max_configurations=max_paths
+    )
+    loglik, log_gamma = log_posterior_marginals(paths, log_joint, [n_states] * n_steps)
     # log p(y_1..y_t): each path's prior times only the first t emissions (the later
     # moves sum to one over the paths sharing a prefix).
+    log_emitted = np.cumsum(log_emission[np.arange(n_steps), paths], axis=1)
+    log_path_prior = log_joint - log_emitted[:, -1]
     log_prefix = special.logsumexp(log_path_prior[:, None] + log_emitted, axis=0)
     log_predictive = np.diff(log_prefix, prepend=0.0)
-    log_path_posterior = log_joint - loglik
-    log_gamma = np.full((n_steps, n_states), -np.inf)
-    for t, k in itertools.product(range(n_steps), range(n_states)):
-        chosen = paths[:, t] == k
-        if chosen.any():
-            log_gamma[t, k] = special.logsumexp(log_path_posterior[chosen])
-    weights = np.exp(log_path_posterior)
+    weights = np.exp(log_joint - loglik)
     transition_counts = np.zeros((n_states, n_states))
     for t in range(1, n_steps):
         np.add.at(transition_counts, (paths[:, t - 1], paths[:, t]), weights)
-    posterior = Posterior(log_gamma, transition_counts, loglik, log_predictive)
+    posterior = Posterior(np.stack(log_gamma), transition_counts, loglik, log_predictive)
     return posterior, paths[int(np.argmax(log_joint))]
 
 

@@ -16,7 +16,6 @@ can be checked against a single reference step.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +26,6 @@ __all__ = [
     "PEPPERED_MOTH_GENOTYPES",
     "PEPPERED_MOTH_PHENOTYPES",
     "EMResult",
-    "enumerate_latent_posterior",
     "flat_dirichlet_logp",
     "gaussian_mixture_e_step",
     "gaussian_mixture_em",
@@ -659,69 +657,3 @@ def peppered_moth_em(
         tol=tol,
         max_iter=max_iter,
     )
-
-
-# --------------------------------------------------------------------------
-# Brute force for tiny models.
-# --------------------------------------------------------------------------
-
-
-def enumerate_latent_posterior(
-    log_joint: Callable[[tuple], float],
-    supports: Sequence[Sequence],
-    *,
-    max_configurations: int = 2**16,
-) -> tuple[float, list[np.ndarray]]:
-    """Exact posterior marginals by summing over every joint latent configuration.
-
-    Parameters
-    ----------
-    log_joint : callable
-        ``log_joint(config) -> float``: log-density of the observed data and of
-        the latent configuration ``config`` (a tuple with one value per latent
-        element), parameters held fixed.
-    supports : sequence of sequences
-        Support of each scalar latent element, in the order of ``config``.
-    max_configurations : int, default 2**16
-        Refuse problems larger than this: the cost is exponential.
-
-    Returns
-    -------
-    log_marginal_likelihood : float
-        ``log sum_config exp(log_joint(config))``.
-    log_marginals : list of numpy.ndarray
-        For each latent element, the log posterior probability of each value
-        of its support.
-
-    Raises
-    ------
-    ValueError
-        If the number of configurations exceeds ``max_configurations``.
-    """
-    supports = [np.asarray(support) for support in supports]
-    n_configurations = int(np.prod([len(support) for support in supports]))
-    if n_configurations > max_configurations:
-        raise ValueError(
-            f"expected at most {max_configurations} latent configurations, got {n_configurations}"
-        )
-    index_grid = list(itertools.product(*(range(len(support)) for support in supports)))
-    log_joint_table = np.array(
-        [
-            log_joint(tuple(support[i] for support, i in zip(supports, indices, strict=True)))
-            for indices in index_grid
-        ]
-    )
-    log_marginal_likelihood = float(special.logsumexp(log_joint_table))
-    log_posterior = log_joint_table - log_marginal_likelihood
-    index_grid = np.array(index_grid).reshape(n_configurations, len(supports))
-    log_marginals = []
-    for element, support in enumerate(supports):
-        log_marginals.append(
-            np.array(
-                [
-                    special.logsumexp(log_posterior[index_grid[:, element] == value_index])
-                    for value_index in range(len(support))
-                ]
-            )
-        )
-    return log_marginal_likelihood, log_marginals

@@ -1,0 +1,28 @@
+"""Small models that several test files build the same way (on their own data)."""
+
+import numpy as np
+import pymc as pm
+
+
+def normal_mixture(x):
+    """Two Normal components with proper priors, so that the MAP is finite:
+    ``w ~ Dirichlet(1)``, ``mu ~ Normal(0, 10)``, ``sigma ~ InverseGamma(2, 1)``."""
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", np.ones(2))
+        mu = pm.Normal("mu", 0.0, 10.0, shape=2)
+        sigma = pm.InverseGamma("sigma", 2.0, 1.0, shape=2)
+        z = pm.Categorical("z", w, shape=len(x))
+        pm.Normal("x", mu[z], sigma[z], observed=x)
+    return model
+
+
+def unit_scale_mixture(data, mutable=True):
+    """Two Normal components of scale 1 over the dim ``obs``, the data in the
+    ``pm.Data`` container ``"data"`` when ``mutable`` (then ``pm.set_data`` changes them)."""
+    with pm.Model(coords={"obs": np.arange(len(data))}) as model:
+        observed = pm.Data("data", data, dims="obs") if mutable else data
+        w = pm.Dirichlet("w", np.ones(2))
+        mu = pm.Normal("mu", 0.0, 10.0, shape=2)
+        z = pm.Categorical("z", w, dims="obs")
+        pm.Normal("x", mu[z], 1.0, observed=observed, dims="obs")
+    return model
