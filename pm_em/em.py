@@ -389,6 +389,11 @@ class EM:
         return self._e_step_values(self.to_values(point))[1]
 
     @property
+    def compile_kwargs(self) -> dict | None:
+        """The ``compile_kwargs`` every function of the routine is compiled with."""
+        return self._compile_kwargs
+
+    @property
     def closed_form_params(self) -> list[str]:
         """Names of the parameters the M-step updates in closed form (the others are
         maximized numerically, given those)."""

@@ -22,6 +22,7 @@ from pytensor.tensor.random.op import RandomVariable
 
 from pm_em.analysis import ModelStructure, ParamSpec, Term
 from pm_em.chains import ChainSpec
+from pm_em.chunks.statistic import additive
 from pm_em.collapse import latent_mask, plan_collapse, vectorize_collapsed
 from pm_em.compile import evaluate_once
 from pm_em.latents import LatentSpec
@@ -475,7 +476,7 @@ def scatter_sum(values: Variable, ids: np.ndarray, size: int) -> Variable:
     entries are summed first, so that the scatter is over ``K`` values only.
     """
     if (ids == ids[:, :1]).all():
-        summed = values.sum(axis=1)
+        summed = additive(values.sum(axis=1))
         config_ids = ids[:, 0].ravel()
         keep = np.flatnonzero(config_ids >= 0)
         flat_summed = pt.broadcast_to(summed, ids[:, 0].shape).ravel()
@@ -483,7 +484,7 @@ def scatter_sum(values: Variable, ids: np.ndarray, size: int) -> Variable:
     flat_ids = ids.ravel()
     keep = np.flatnonzero(flat_ids >= 0)
     flat_values = pt.broadcast_to(values, ids.shape).ravel()[keep]
-    return pt.inc_subtensor(pt.zeros((size,))[pt.constant(flat_ids[keep])], flat_values)
+    return additive(pt.inc_subtensor(pt.zeros((size,))[pt.constant(flat_ids[keep])], flat_values))
 
 
 def finite(x: Variable) -> Variable:

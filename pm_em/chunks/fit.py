@@ -1,0 +1,309 @@
+"""EM over chunks of the data: the loop and its result.
+
+The model is declared on one chunk of the data (``m`` rows, the same dims as the
+full data); the fit is given the full data. Each iteration passes over the chunks
+once per level of statistics (one pass for weights, means and counts; a second one
+for a scale, whose residuals use the means just updated, as the in-memory ECM
+M-step does), then runs the closed-form M-step on the totals. The iterates are the
+in-memory fit's (plain EM steps, ``accelerate=None``) up to the rounding of sums
+taken in another order.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import arviz as az
+import numpy as np
+import pymc as pm
+import xarray as xr
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pm_em.chunks.executor import LocalExecutor
+from pm_em.chunks.kernel import ChunkKernel, MStep
+from pm_em.chunks.plan import plan_chunks
+from pm_em.chunks.sources import DataSource
+from pm_em.em import cached_routine
+from pm_em.errors import EMConvergenceWarning
+from pm_em.loop import EMHistory, has_converged
+
+__all__ = ["ChunkedEM", "fit_chunked"]
+
+# EM never decreases the log-posterior; a decrease beyond this (relative) is not rounding.
+_DECREASE_TOLERANCE = 1e-8
+
+
+class ChunkedEM:
+    """The EM routine of a model declared on one chunk, over the full data in chunks.
+
+    Parameters
+    ----------
+    em : pm_em.EM
+        The routine of the model as declared (one chunk of ``m`` rows).
+    data : dict
+        Name of an observed variable or ``pm.Data`` container -> its full data
+        (NumPy array, ``np.memmap``, Dask array, xarray.DataArray), rows first.
+    client : dask.distributed.Client, optional
+        Run the chunks on its workers (:mod:`pm_em.chunks.distributed`); in this
+        process when None.
+
+    Raises
+    ------
+    UnsupportedModelError
+        When the model cannot be fitted in chunks (:func:`pm_em.chunks.plan.plan_chunks`).
+    """
+
+    def __init__(self, em, data: dict, client=None):
+        self.em = em
+        names = list(data)
+        self.plan = plan = plan_chunks(em, names)
+        self.sources = [
+            DataSource(name, data[name], v.type.shape[1:], v.type.dtype)
+            for name, v in zip(names, plan.chunk_inputs)
+        ]
+        rows = {s.name: s.n_rows for s in self.sources}
+        if len(set(rows.values())) != 1:
+            raise ValueError(f"data: every input needs the same number of rows, got {rows}.")
+        self.n_rows = self.sources[0].n_rows
+        kernel = ChunkKernel(plan, em.compile_kwargs, em.backend)
+        self.mstep = MStep(plan, em.compile_kwargs, em.backend)
+        if client is None:
+            self.executor = LocalExecutor(kernel, self.sources)
+        else:
+            from pm_em.chunks.distributed import DaskExecutor
+
+            self.executor = DaskExecutor(client, kernel, self.sources)
+        # The in-memory fit's count of observed entries, for the same tolerance.
+        self.n_observations = (
+            em.structure.n_observations + (self.n_rows - plan.chunk_length) * plan.rows_observed
+        )
+
+    @property
+    def n_chunks(self) -> int:
+        return self.executor.n_chunks
+
+    @property
+    def n_levels(self) -> int:
+        return self.executor.kernel.n_levels
+
+    def e_step(self, values, progress=None):
+        """Observed-data log-posterior at ``values`` and level 0's totals."""
+        first = self.executor.level(0, values, [], progress)
+        logp = float(first[0]) + self.mstep.global_logp(values)
+        return logp, [first[1:]]
+
+    def m_step(self, values, first_totals, progress=None):
+        """The next values, from level 0's totals at ``values`` and the later levels'."""
+        totals = list(first_totals)
+        for level in range(1, self.n_levels):
+            totals.append(self.executor.level(level, values, totals, progress))
+        return self.mstep(values, totals)
+
+    def run(self, values, *, tol, max_iter, progress=None):
+        """Plain EM steps from ``values`` to convergence (the in-memory loop's
+        criterion: change of the log-posterior per observation below ``tol``).
+
+        Returns the last values, their log-posterior and the :class:`EMHistory`.
+        """
+        logp, totals = self.e_step(values, progress)
+        history = EMHistory(logp=[logp], n_e_steps=1)
+        if not np.isfinite(logp):
+            raise ValueError(
+                f"The observed-data log-posterior is {logp} at the start: choose another "
+                "start (initvals, random_seed)."
+            )
+        for iteration in range(1, max_iter + 1):
+            new_values = self.m_step(values, totals, progress)
+            new_logp, new_totals = self.e_step(new_values, progress)
+            history.n_e_steps += 1
+            if not np.isfinite(new_logp):
+                warnings.warn(
+                    f"The log-posterior became {new_logp} at iteration {iteration} (a "
+                    "degenerate solution, e.g. a component on one point): stopped at the "
+                    "last finite point.",
+                    EMConvergenceWarning,
+                    stacklevel=3,
+                )
+                history.stopped = "degenerate"
+                break
+            if new_logp < logp - _DECREASE_TOLERANCE * max(1.0, abs(logp)):
+                warnings.warn(
+                    f"The observed-data log-posterior decreased at iteration {iteration} "
+                    f"({logp:.10g} -> {new_logp:.10g}); EM should never decrease it.",
+                    EMConvergenceWarning,
+                    stacklevel=3,
+                )
+            history.logp.append(new_logp)
+            history.converged = has_converged(logp, new_logp, tol, self.n_observations)
+            values, logp, totals = new_values, new_logp, new_totals
+            if progress is not None:
+                progress.iteration(iteration, logp)
+            if history.converged:
+                break
+        else:
+            change = abs(history.logp[-1] - history.logp[-2]) / self.n_observations
+            warnings.warn(
+                f"EM did not converge in {max_iter} iterations (last change per observation "
+                f"{change:.3g} > tol={tol:g}). Increase max_iter or loosen tol.",
+                EMConvergenceWarning,
+                stacklevel=3,
+            )
+        return values, logp, history
+
+    def close(self) -> None:
+        self.executor.close()
+
+
+class _ChunkProgress:
+    """A rich bar of the chunks done in the current iteration, with its log-posterior."""
+
+    def __init__(self, bar: Progress, task, per_iteration: int):
+        self._bar, self._task, self._per_iteration = bar, task, per_iteration
+        self._done = 0
+
+    def __call__(self, n_done: int) -> None:
+        if self._done >= self._per_iteration:  # the next iteration's first chunks
+            self._done = 0
+            self._bar.reset(self._task, total=self._per_iteration)
+        self._done += n_done
+        self._bar.advance(self._task, n_done)
+
+    def iteration(self, iteration: int, logp: float) -> None:
+        self._bar.update(self._task, iteration=iteration, logp=f"{logp:.10g}")
+
+
+def _progress_bar(per_iteration: int):
+    bar = Progress(
+        TextColumn("EM iteration {task.fields[iteration]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("chunks   logp = {task.fields[logp]}"),
+        TimeElapsedColumn(),
+        transient=False,
+    )
+    task = bar.add_task("em", total=per_iteration, iteration=0, logp="-")
+    return bar, _ChunkProgress(bar, task, per_iteration)
+
+
+def _posterior(em, point: dict) -> xr.Dataset:
+    model = em.model
+    dims = {name: list(model.named_vars_to_dims.get(name, ())) or None for name in point}
+    coords = {
+        dim: np.asarray(model.coords[dim])
+        for name in point
+        for dim in (dims[name] or [])
+        if model.coords.get(dim) is not None
+    }
+    dims = {name: d for name, d in dims.items() if d}
+    data = {name: np.asarray(v)[None, None] for name, v in point.items()}
+    return az.dict_to_dataset(data, library=pm, coords=coords, dims=dims)
+
+
+def fit_chunked(
+    model=None,
+    *,
+    data: dict,
+    client=None,
+    latent_vars=None,
+    initvals=None,
+    tol: float = 1e-8,
+    max_iter: int = 1000,
+    random_seed=None,
+    progressbar: bool = True,
+    compile_kwargs: dict | None = None,
+    backend: str | None = None,
+) -> az.InferenceData:
+    """MAP by EM over data too large for memory, a chunk at a time.
+
+    Declare the model on one chunk of the data (the first ``m`` rows, same dims):
+    its length is the chunk length. Pass the full data in ``data``. Each iteration
+    computes, chunk by chunk, the sums over observations the closed-form M-step
+    needs (:mod:`pm_em.chunks.plan`), and the M-step runs on their totals. Called
+    by :func:`pm_em.find_MAP` when it is given ``data``.
+
+    Parameters
+    ----------
+    model : pm.Model, optional
+        Declared on one chunk; by default the one of the ``with`` context.
+    data : dict
+        Name of an observed variable (or a ``pm.Data`` container) -> its full
+        data: ``np.ndarray``, ``np.memmap`` (``np.load(path, mmap_mode="r")``), a
+        Dask array, or an ``xarray.DataArray`` of either; rows along axis 0.
+    client : dask.distributed.Client, optional
+        Run the chunks on its workers, which read and keep their chunks and their
+        compiled routine for the whole fit (:mod:`pm_em.chunks.distributed`).
+        None: in this process, one chunk in memory at a time.
+    latent_vars, tol, max_iter, random_seed, progressbar, compile_kwargs, backend
+        As in :func:`pm_em.find_MAP`. ``random_seed`` seeds the jittered start
+        (:meth:`pm_em.EM.initial_point`); ``initvals`` override it.
+
+    Returns
+    -------
+    az.InferenceData
+        ``posterior``: the MAP point (chain = draw = 1). ``em_stats``: ``logp``
+        per iteration, ``n_iter``, ``n_e_steps``, ``converged``; attrs
+        ``n_observations``, ``n_rows``, ``chunk_length``, ``n_chunks``. The
+        responsibilities (rows x support) are not materialized: for the rows of
+        one chunk, ``pm_em.EM(model).e_step(point)`` on a model declared on them.
+
+    Raises
+    ------
+    UnsupportedModelError
+        When the fit cannot be split over chunks exactly (a global latent, a Markov
+        chain, a parameter without closed-form M-step, a per-row input not in
+        ``data``); the message names the variable.
+
+    Examples
+    --------
+    >>> x = np.load("x.npy", mmap_mode="r")  # doctest: +SKIP
+    >>> with pm.Model() as model:  # doctest: +SKIP
+    ...     w = pm.Dirichlet("w", np.ones(2))
+    ...     mu = pm.Normal("mu", 0, 10, shape=2)
+    ...     sigma = pm.HalfNormal("sigma", 5, shape=2)
+    ...     z = pm.Categorical("z", w, shape=100_000)
+    ...     pm.Normal("x", mu[z], sigma[z], observed=x[:100_000])
+    >>> idata = pm_em.find_MAP(model, data={"x": x})  # doctest: +SKIP
+    """
+    em = cached_routine(model, latent_vars, compile_kwargs, backend)
+    routine = ChunkedEM(em, data, client=client)
+    try:
+        point = em.initial_point(random_seed=random_seed)
+        if initvals:
+            unknown = set(initvals) - set(point)
+            if unknown:
+                raise ValueError(f"initvals: {sorted(unknown)} are not continuous free variables.")
+            point.update({k: np.asarray(v) for k, v in initvals.items()})
+        values = em.to_values(point)
+        per_iteration = routine.n_chunks * routine.n_levels
+        if progressbar:
+            bar, progress = _progress_bar(per_iteration)
+            with bar:
+                values, logp, history = routine.run(
+                    values, tol=tol, max_iter=max_iter, progress=progress
+                )
+        else:
+            values, logp, history = routine.run(values, tol=tol, max_iter=max_iter)
+    finally:
+        routine.close()
+    stats = xr.Dataset(
+        {
+            "logp": ("iteration", np.asarray(history.logp)),
+            "n_iter": history.n_iter,
+            "n_e_steps": history.n_e_steps,
+            "converged": history.converged,
+        },
+        coords={"iteration": np.arange(len(history.logp))},
+        attrs={
+            "tol": tol,
+            "max_iter": max_iter,
+            "n_observations": routine.n_observations,
+            "n_rows": routine.n_rows,
+            "chunk_length": routine.plan.chunk_length,
+            "n_chunks": routine.n_chunks,
+            "log_posterior": logp,
+        },
+    )
+    with warnings.catch_warnings():
+        # em_stats is not one of ArviZ's named groups; that is intended.
+        warnings.simplefilter("ignore", UserWarning)
+        return az.InferenceData(posterior=_posterior(em, em.to_point(values)), em_stats=stats)
