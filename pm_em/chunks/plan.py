@@ -121,16 +121,25 @@ def _levels(statistics: list[Variable]) -> list[list[Variable]]:
     return grouped
 
 
+def _value_shape(var: Variable) -> tuple[int, ...]:
+    value = var.get_value(borrow=True) if isinstance(var, SharedVariable) else var.data
+    return tuple(int(d) for d in value.shape)
+
+
+def _n_rows(var: Variable) -> int | None:
+    """Rows of a constant or a ``pm.Data`` container (its current value), None for
+    a scalar."""
+    value = var.get_value(borrow=True) if isinstance(var, SharedVariable) else var.data
+    return int(value.shape[0]) if getattr(value, "ndim", 0) >= 1 else None
+
+
 def _row_constants(graphs: list[Variable], length: int, known: set) -> list[Variable]:
-    """Constants and shared variables among the ancestors of ``graphs`` with ``length``
-    rows, other than ``known``: per-row data the chunks would not replace."""
+    """Constants and ``pm.Data`` containers among the ancestors of ``graphs`` with
+    ``length`` rows, other than ``known``: per-row data the chunks would not replace."""
     return [
         v
         for v in ancestors(graphs)
-        if isinstance(v, Constant | SharedVariable)
-        and v not in known
-        and getattr(v.type, "ndim", 0) >= 1
-        and v.type.shape[0] == length
+        if isinstance(v, Constant | SharedVariable) and v not in known and _n_rows(v) == length
     ]
 
 
@@ -161,9 +170,7 @@ def plan_chunks(em, names: list[str]) -> ChunkPlan:
     if not names:
         raise ValueError("data: give at least one observed variable's full data.")
     leaves = {name: _data_leaf(model, name) for name in names}
-    lengths = {
-        name: leaf.type.shape[0] if leaf.type.ndim else None for name, leaf in leaves.items()
-    }
+    lengths = {name: _n_rows(leaf) for name, leaf in leaves.items()}
     if len(set(lengths.values())) != 1 or None in lengths.values():
         raise ValueError(
             f"data: every chunked input needs the same number of rows in the model, got "
@@ -189,13 +196,6 @@ def plan_chunks(em, names: list[str]) -> ChunkPlan:
                     f"Latent '{lat.name}' has shape {lat.shape}, not one element per row of "
                     f"the chunk ({length} rows): the fit cannot be chunked."
                 )
-    if graphs.numeric_params:
-        raise UnsupportedModelError(
-            f"Parameters {[p.name for p in graphs.numeric_params]} have no closed-form "
-            "M-step: chunked fits support closed-form M-steps only. Use find_MAP on the "
-            "data in memory."
-        )
-
     known = set(leaves.values())
     model_terms = [t.logp for t in structure.terms]
     missed = _row_constants(model_terms, length, known)
@@ -206,8 +206,15 @@ def plan_chunks(em, names: list[str]) -> ChunkPlan:
             f"fit would reuse the first chunk's. Chunked inputs: {names}."
         )
 
+    if graphs.numeric_params:
+        raise UnsupportedModelError(
+            f"Parameters {[p.name for p in graphs.numeric_params]} have no closed-form "
+            "M-step: chunked fits support closed-form M-steps only. Use find_MAP on the "
+            "data in memory."
+        )
+
     placeholders = {
-        leaf: pt.tensor(f"{name}_chunk", shape=leaf.type.shape, dtype=leaf.type.dtype)
+        leaf: pt.tensor(f"{name}_chunk", shape=_value_shape(leaf), dtype=leaf.type.dtype)
         for name, leaf in leaves.items()
     }
     rows_observed = 0
