@@ -19,6 +19,7 @@ import pymc as pm
 import xarray as xr
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pm_em.chunks.distributed import WorkersLostError
 from pm_em.chunks.executor import LocalExecutor
 from pm_em.chunks.kernel import ChunkKernel, MStep
 from pm_em.chunks.plan import plan_chunks
@@ -113,8 +114,19 @@ class ChunkedEM:
                 "start (initvals, random_seed)."
             )
         for iteration in range(1, max_iter + 1):
-            new_values = self.m_step(values, totals, progress)
-            new_logp, new_totals = self.e_step(new_values, progress)
+            try:
+                new_values = self.m_step(values, totals, progress)
+                new_logp, new_totals = self.e_step(new_values, progress)
+            except WorkersLostError as error:
+                warnings.warn(
+                    f"{error} Stopped after iteration {iteration - 1}: the result is that "
+                    "iteration's point (not converged). Restart the fit from it (initvals) "
+                    "once workers are back.",
+                    EMConvergenceWarning,
+                    stacklevel=3,
+                )
+                history.stopped = "workers lost"
+                return values, logp, history
             history.n_e_steps += 1
             if not np.isfinite(new_logp):
                 warnings.warn(

@@ -1,0 +1,85 @@
+"""Chunks on the workers of a Dask LocalCluster (2 workers, 1 thread each): the same
+fit as in memory, and a worker killed mid-fit loses nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+from test_chunked import CASES, assert_same_fit, fit_in_memory
+
+from pm_em.chunks.fit import ChunkedEM, fit_chunked
+from pm_em.em import EM
+
+distributed = pytest.importorskip("distributed")
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, dashboard_address=None, processes=True
+    )
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return fit_in_memory("gmm")
+
+
+@pytest.fixture(scope="module")
+def mapped(tmp_path_factory):
+    path = tmp_path_factory.mktemp("chunked") / "x.npy"
+    np.save(path, CASES["gmm"][1])
+    return np.load(path, mmap_mode="r")
+
+
+def test_cluster_fit_matches_in_memory_fit(client, reference, mapped):
+    build, data, length, start = CASES["gmm"]
+    fit = fit_chunked(
+        build(data[:length]), data={"x": mapped}, initvals=start, client=client, progressbar=False
+    )
+    assert_same_fit(fit, reference)
+
+
+class KillOneWorker:
+    """A progress hook that kills a worker's process after the first chunks of the
+    second iteration: its chunks must be read again elsewhere."""
+
+    def __init__(self, client):
+        self.client = client
+        self.calls = 0
+        self.killed = None
+
+    def __call__(self, n_done):
+        self.calls += 1
+        if self.calls == 5 and self.killed is None:
+            self.killed = sorted(self.client.scheduler_info()["workers"])[0]
+            pid = self.client.run(os.getpid, workers=[self.killed])[self.killed]
+            os.kill(pid, signal.SIGKILL)
+
+    def iteration(self, iteration, logp):
+        pass
+
+
+def test_killed_worker_is_replaced_and_the_fit_is_unchanged(client, reference, mapped):
+    build, data, length, start = CASES["gmm"]
+    em = EM(build(data[:length]))
+    routine = ChunkedEM(em, {"x": mapped}, client=client)
+    hook = KillOneWorker(client)
+    values, _, history = routine.run(em.to_values(start), tol=1e-8, max_iter=1000, progress=hook)
+    assert hook.killed is not None
+    # Every chunk is now held by the surviving worker.
+    assert hook.killed not in routine.executor.owned
+    assert sorted(i for idx in routine.executor.owned.values() for i in idx) == list(
+        range(routine.n_chunks)
+    )
+    assert history.converged and history.n_iter == int(reference.em_stats.n_iter)
+    point = em.to_point(values)
+    for name, value in point.items():
+        np.testing.assert_allclose(value, reference.posterior[name].values[0, 0], atol=1e-10)
