@@ -116,7 +116,7 @@ def fit_in_memory(case):
 
 def fit_in_chunks(case, data=None, **kwargs):
     build, full, length, start = CASES[case]
-    return fit_chunked(
+    return pm_em.find_MAP(
         build(full[:length]),
         data={"x": full if data is None else data, **EXTRA_DATA.get(case, {})},
         initvals=start,
@@ -247,3 +247,17 @@ def test_bad_data_is_refused(data, match):
         fit_in_chunks("gmm", data=data["x"]) if "x" in data else fit_chunked(
             gmm(X1[:300]), data=data, progressbar=False
         )
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"n_init": 3}, "n_init"),
+        ({"init": "kmeans"}, "init"),
+        ({"accelerate": "squarem"}, "accelerate"),
+    ],
+    ids=["n_init", "init", "accelerate"],
+)
+def test_options_without_chunked_meaning_are_refused(options, named):
+    with pytest.raises(ValueError, match=rf"\['{named}'\] are not available with data="):
+        pm_em.find_MAP(gmm(X1[:300]), data={"x": X1}, progressbar=False, **options)
