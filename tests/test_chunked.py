@@ -98,6 +98,42 @@ CASES = {
 }
 
 
+def gaussian_hmm(data):
+    """A 2-state Gaussian HMM over independent sequences (rows), time last."""
+    pmx = pytest.importorskip("pymc_extras")
+    with pm.Model() as model:
+        P = pm.Dirichlet("P", a=np.full((2, 2), 2.0))
+        pi = pm.Dirichlet("pi", a=np.ones(2))
+        mu = pm.Normal("mu", 0.0, 10.0, shape=2)
+        sigma = pm.HalfNormal("sigma", 5.0, shape=2)
+        s = pmx.DiscreteMarkovChain("s", P=P, init_dist=pm.Categorical.dist(p=pi), shape=data.shape)
+        pm.Normal("x", mu=mu[s], sigma=sigma[s], observed=data)
+    return model
+
+
+def simulate_hmm(n_sequences, n_steps, rng):
+    P = np.array([[0.9, 0.1], [0.2, 0.8]])
+    states = np.zeros((n_sequences, n_steps), dtype=int)
+    states[:, 0] = rng.random(n_sequences) < 0.5
+    for t in range(1, n_steps):
+        states[:, t] = rng.random(n_sequences) < P[states[:, t - 1], 1]
+    return np.array([-1.5, 2.0])[states] + np.array([0.8, 0.6])[states] * rng.standard_normal(
+        states.shape
+    )
+
+
+CASES["hmm"] = (
+    gaussian_hmm,
+    simulate_hmm(12, 30, RNG),
+    5,
+    {
+        "P": np.array([[0.7, 0.3], [0.3, 0.7]]),
+        "pi": np.array([0.5, 0.5]),
+        "mu": np.array([-1.0, 1.0]),
+        "sigma": np.ones(2),
+    },
+)
+
 CASES["known_scales"] = (
     known_scales,
     X1,

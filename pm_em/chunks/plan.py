@@ -185,10 +185,14 @@ def plan_chunks(em, names: list[str]) -> ChunkPlan:
                 "the data (a global latent): its posterior needs every chunk at once, so the "
                 "fit cannot be chunked. Use find_MAP on the data in memory."
             )
-        if comp.chain is not None:
+        if comp.chain is not None and (
+            len(comp.chain.latent.shape) < 2 or comp.chain.latent.shape[0] != length
+        ):
+            # Sequences are independent, time steps are not: a chunk is whole sequences.
             raise UnsupportedModelError(
-                f"'{comp.chain.name}' is a Markov chain: chunked fits of hidden Markov "
-                "models are not supported yet. Use find_MAP on the data in memory."
+                f"'{comp.chain.name}' is a Markov chain of shape {comp.chain.latent.shape}: "
+                f"a chunk must be whole sequences, one per row ({length} rows), with time "
+                "on the last axis. Declare the chain over (sequence, time)."
             )
         for lat in comp.latents:
             if not lat.shape or lat.shape[0] != length:
