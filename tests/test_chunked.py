@@ -204,6 +204,18 @@ def test_dask_array_source_in_process(in_memory):
     )
 
 
+def test_xarray_source(in_memory):
+    xr = pytest.importorskip("xarray")
+    da = pytest.importorskip("dask.array")
+    array = xr.DataArray(da.from_array(X1, chunks=250), dims=["obs"])
+    assert_same_fit(fit_in_chunks("gmm", data=array), in_memory["gmm"])
+
+
+def test_jax_backend(in_memory):
+    pytest.importorskip("jax")
+    assert_same_fit(fit_in_chunks("gmm", backend="jax"), in_memory["gmm"])
+
+
 def test_one_chunked_step_is_the_hand_derived_m_step():
     """One step from the start against the M-step written out with scipy's
     densities: responsibilities, then the MAP updates under the priors
