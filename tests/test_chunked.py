@@ -11,6 +11,7 @@ import scipy.stats as st
 
 import pm_em
 from pm_em.chunks.fit import fit_chunked
+from pm_em.chunks.kernel import check_additive
 from pm_em.errors import EMConvergenceWarning, UnsupportedModelError
 
 RNG = np.random.default_rng(16)
@@ -243,6 +244,24 @@ def test_one_chunked_step_is_the_hand_derived_m_step():
 
 
 # -- refusals ------------------------------------------------------------------------
+
+
+class RowStatistics:
+    """A stand-in kernel: per level, the given functions of one chunk's rows."""
+
+    def __init__(self, *levels):
+        self.levels = levels
+        self.n_levels = len(levels)
+
+    def __call__(self, level, values, arrays, totals):
+        return [np.asarray(f(arrays[0])) for f in self.levels[level]]
+
+
+def test_additivity_check_passes_sums_and_refuses_row_mixing():
+    x = np.arange(10.0)
+    check_additive(RowStatistics([np.sum, lambda a: (a**2).sum()]), [], [x])
+    with pytest.raises(UnsupportedModelError, match="level 1, statistic 0 of a chunk is not"):
+        check_additive(RowStatistics([np.sum], [lambda a: (a / a.sum()).sum()]), [], [x + 1])
 
 
 def test_global_latent_is_refused():

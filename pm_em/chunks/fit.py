@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pm_em.chunks.distributed import WorkersLostError
 from pm_em.chunks.executor import LocalExecutor
-from pm_em.chunks.kernel import ChunkKernel, MStep
+from pm_em.chunks.kernel import ChunkKernel, MStep, check_additive
 from pm_em.chunks.plan import plan_chunks
 from pm_em.chunks.sources import DataSource
 from pm_em.em import cached_routine
@@ -66,7 +66,7 @@ class ChunkedEM:
         if len(set(rows.values())) != 1:
             raise ValueError(f"data: every input needs the same number of rows, got {rows}.")
         self.n_rows = self.sources[0].n_rows
-        kernel = ChunkKernel(plan, em.compile_kwargs, em.backend)
+        self.kernel = kernel = ChunkKernel(plan, em.compile_kwargs, em.backend)
         self.mstep = MStep(plan, em.compile_kwargs, em.backend)
         if client is None:
             self.executor = LocalExecutor(kernel, self.sources)
@@ -85,7 +85,7 @@ class ChunkedEM:
 
     @property
     def n_levels(self) -> int:
-        return self.executor.kernel.n_levels
+        return self.kernel.n_levels
 
     def e_step(self, values, progress=None):
         """Observed-data log-posterior at ``values`` and level 0's totals."""
@@ -104,8 +104,13 @@ class ChunkedEM:
         """Plain EM steps from ``values`` to convergence (the in-memory loop's
         criterion: change of the log-posterior per observation below ``tol``).
 
+        Before the first step, the statistics of the first chunk are checked to be
+        sums over its rows (:func:`~pm_em.chunks.kernel.check_additive`).
+
         Returns the last values, their log-posterior and the :class:`EMHistory`.
         """
+        start, stop = self.executor.ranges[0]
+        check_additive(self.kernel, values, [s.read(start, stop) for s in self.sources])
         logp, totals = self.e_step(values, progress)
         history = EMHistory(logp=[logp], n_e_steps=1)
         if not np.isfinite(logp):

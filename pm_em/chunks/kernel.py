@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from pm_em.compile import compile_function
+from pm_em.errors import UnsupportedModelError
 
-__all__ = ["ChunkKernel", "MStep"]
+__all__ = ["ChunkKernel", "MStep", "check_additive"]
 
 
 class ChunkKernel:
@@ -75,6 +76,37 @@ class ChunkKernel:
         extra = fn(*values, *last, *flat_totals)
         share = (m - rows) / m
         return [np.asarray(f) - share * np.asarray(e) for f, e in zip(full, extra)]
+
+
+def check_additive(kernel, values, arrays, rtol: float = 1e-7) -> None:
+    """Check on one chunk that every statistic is a sum over its rows: the chunk's
+    statistics equal those of its two halves added (each half computed as a short
+    chunk), at every level.
+
+    Raises
+    ------
+    UnsupportedModelError
+        Naming the level and statistic that is not additive (a marked expression
+        that mixes rows, e.g. normalizes over them): the chunked fit would be wrong.
+    """
+    rows = len(arrays[0])
+    if rows < 2:
+        return
+    half = rows // 2
+    totals = []
+    for level in range(kernel.n_levels):
+        whole = kernel(level, values, arrays, totals)
+        first = kernel(level, values, [a[:half] for a in arrays], totals)
+        second = kernel(level, values, [a[half:] for a in arrays], totals)
+        for i, (w, a, b) in enumerate(zip(whole, first, second)):
+            if not np.allclose(w, a + b, rtol=rtol, atol=1e-9 * (1 + np.max(np.abs(w)))):
+                what = "the log-likelihood" if level == 0 and i == 0 else f"statistic {i}"
+                raise UnsupportedModelError(
+                    f"At level {level}, {what} of a chunk is not the sum of its halves' "
+                    "(a marked sum mixes rows): this model cannot be fitted in chunks. Use "
+                    "find_MAP on the data in memory."
+                )
+        totals.append(whole[1:] if level == 0 else whole)
 
 
 class MStep:
