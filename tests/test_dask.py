@@ -12,6 +12,7 @@ from test_chunked import CASES, assert_same_fit, fit_in_memory
 
 from pm_em.chunks.fit import ChunkedEM, fit_chunked
 from pm_em.em import EM
+from pm_em.errors import EMConvergenceWarning
 
 distributed = pytest.importorskip("distributed")
 
@@ -48,20 +49,23 @@ def test_cluster_fit_matches_in_memory_fit(client, reference, mapped):
 
 
 class KillOneWorker:
-    """A progress hook that kills a worker's process after the first chunks of the
-    second iteration: its chunks must be read again elsewhere."""
+    """A progress hook that kills a worker's process (every worker's, with
+    ``every=True``) after the first chunks of the second iteration."""
 
-    def __init__(self, client):
+    def __init__(self, client, every=False):
         self.client = client
+        self.every = every
         self.calls = 0
         self.killed = None
 
     def __call__(self, n_done):
         self.calls += 1
         if self.calls == 5 and self.killed is None:
-            self.killed = sorted(self.client.scheduler_info()["workers"])[0]
-            pid = self.client.run(os.getpid, workers=[self.killed])[self.killed]
-            os.kill(pid, signal.SIGKILL)
+            workers = sorted(self.client.scheduler_info()["workers"])
+            self.killed = workers[0]
+            pids = self.client.run(os.getpid, workers=workers if self.every else workers[:1])
+            for pid in pids.values():
+                os.kill(pid, signal.SIGKILL)
 
     def iteration(self, iteration, logp):
         pass
@@ -83,3 +87,20 @@ def test_killed_worker_is_replaced_and_the_fit_is_unchanged(client, reference, m
     point = em.to_point(values)
     for name, value in point.items():
         np.testing.assert_allclose(value, reference.posterior[name].values[0, 0], atol=1e-10)
+
+
+@pytest.mark.slow
+def test_every_worker_lost_stops_with_the_last_iteration(client, reference, mapped):
+    """No worker left that holds chunks (the nannies restart empty ones): the fit
+    stops, warns, and returns the last completed iteration's point."""
+    build, data, length, start = CASES["gmm"]
+    em = EM(build(data[:length]))
+    routine = ChunkedEM(em, {"x": mapped}, client=client)
+    with pytest.warns(EMConvergenceWarning, match="Every Dask worker holding chunks was lost"):
+        values, logp, history = routine.run(
+            em.to_values(start), tol=1e-8, max_iter=1000, progress=KillOneWorker(client, True)
+        )
+    assert history.stopped == "workers lost" and not history.converged
+    # The point returned is the one whose log-posterior was recorded last.
+    assert logp == history.logp[-1] and history.n_iter >= 1
+    assert np.isfinite(em.logp(em.to_point(values)))

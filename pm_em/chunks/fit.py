@@ -19,7 +19,7 @@ import pymc as pm
 import xarray as xr
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pm_em.chunks.distributed import WorkersLostError
+from pm_em.chunks.distributed import DaskExecutor, WorkersLostError
 from pm_em.chunks.executor import LocalExecutor
 from pm_em.chunks.kernel import ChunkKernel, MStep, check_additive
 from pm_em.chunks.plan import plan_chunks
@@ -71,8 +71,6 @@ class ChunkedEM:
         if client is None:
             self.executor = LocalExecutor(kernel, self.sources)
         else:
-            from pm_em.chunks.distributed import DaskExecutor
-
             self.executor = DaskExecutor(client, kernel, self.sources)
         # The in-memory fit's count of observed entries, for the same tolerance.
         self.n_observations = (
