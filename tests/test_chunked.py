@@ -328,3 +328,24 @@ def test_bad_data_is_refused(data, match):
 def test_options_without_chunked_meaning_are_refused(options, named):
     with pytest.raises(ValueError, match=rf"\['{named}'\] are not available with data="):
         pm_em.find_MAP(gmm(X1[:300]), data={"x": X1}, progressbar=False, **options)
+
+
+def test_stepwise_em_approaches_the_batch_mle():
+    """Online EM over a stream of 40 chunks, 3 passes: near scikit-learn's MLE
+    (the priors are weak at n = 20,000)."""
+    from sklearn.mixture import GaussianMixture
+
+    from pm_em.chunks.fit import ChunkedEM
+    from pm_em.chunks.online import stepwise_em
+    from pm_em.em import EM
+
+    rng = np.random.default_rng(3)
+    data = np.where(rng.random(20_000) < 0.4, rng.normal(-2, 1, 20_000), rng.normal(3, 0.7, 20_000))
+    em = EM(gmm(data[:500]))
+    routine = ChunkedEM(em, {"x": data})
+    start = CASES["gmm"][3]
+    point = em.to_point(stepwise_em(routine, em.to_values(start), n_epochs=3))
+    reference = GaussianMixture(2, means_init=start["mu"][:, None], tol=1e-10).fit(data[:, None])
+    np.testing.assert_allclose(point["mu"], reference.means_.ravel(), atol=0.02)
+    np.testing.assert_allclose(point["sigma"], np.sqrt(reference.covariances_.ravel()), atol=0.02)
+    np.testing.assert_allclose(point["w"], reference.weights_, atol=0.01)
