@@ -135,6 +135,19 @@ CASES["hmm"] = (
     },
 )
 
+
+def normal_mixture(data):
+    """The mixture as pm.NormalMixture: its labels are written out by pm_em."""
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", np.ones(2))
+        mu = pm.Normal("mu", 0.0, 10.0, shape=2)
+        sigma = pm.HalfNormal("sigma", 5.0, shape=2)
+        pm.NormalMixture("x", w=w, mu=mu, sigma=sigma, observed=data)
+    return model
+
+
+CASES["normal_mixture"] = (normal_mixture, X1, 300, CASES["gmm"][3])
+
 CASES["known_scales"] = (
     known_scales,
     X1,
