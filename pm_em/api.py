@@ -236,8 +236,8 @@ def find_MAP(
         The fit takes plain EM steps from ``initvals`` (else a jittered start,
         ``init="jitter"``) and returns ``posterior`` (the MAP point) and
         ``em_stats`` only: no responsibilities, labels or pointwise
-        log-likelihood (they are rows x support). ``n_init``, ``laplace``,
-        ``callback`` and ``var_names`` are not available then.
+        log-likelihood (they are rows x support). ``n_init`` starts run one after
+        another; ``laplace``, ``callback`` and ``var_names`` are not available.
     client : dask.distributed.Client, optional
         With ``data``: run the chunks on the client's workers, each keeping its
         chunks and compiled routine for the whole fit. Without: in this process.
@@ -297,7 +297,7 @@ def find_MAP(
     model = model_or_context(model)
     _check_options(tol, max_iter, blas_cores, n_init, accelerate)
     if data is not None:
-        _check_chunked_options(init, n_init, accelerate, laplace, callback, var_names)
+        _check_chunked_options(init, accelerate, laplace, callback, var_names)
         with threadpool_limits(limits=blas_cores) if blas_cores is not None else nullcontext():
             return fit_chunked(
                 model,
@@ -305,6 +305,7 @@ def find_MAP(
                 client=client,
                 latent_vars=latent_vars,
                 initvals=initvals,
+                n_init=n_init,
                 tol=tol,
                 max_iter=max_iter,
                 random_seed=random_seed,
@@ -380,11 +381,10 @@ def find_MAP(
     return idata
 
 
-def _check_chunked_options(init, n_init, accelerate, laplace, callback, var_names) -> None:
+def _check_chunked_options(init, accelerate, laplace, callback, var_names) -> None:
     """Refuse the options a chunked fit (``data=``) does not have."""
     refused = {
         "init": not (isinstance(init, str) and init in ("auto", "jitter")),
-        "n_init": n_init != 1,
         "accelerate": accelerate == "squarem",
         "laplace": bool(laplace),
         "callback": callback is not None,

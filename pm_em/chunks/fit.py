@@ -12,6 +12,7 @@ taken in another order.
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 
 import arviz as az
 import numpy as np
@@ -27,6 +28,7 @@ from pm_em.chunks.sources import DataSource
 from pm_em.em import cached_routine
 from pm_em.errors import EMConvergenceWarning
 from pm_em.loop import EMHistory, has_converged
+from pm_em.starts import start_points
 
 __all__ = ["ChunkedEM", "fit_chunked"]
 
@@ -221,6 +223,7 @@ def fit_chunked(
     client=None,
     latent_vars=None,
     initvals=None,
+    n_init: int = 1,
     tol: float = 1e-8,
     max_iter: int = 1000,
     random_seed=None,
@@ -249,14 +252,19 @@ def fit_chunked(
         compiled routine for the whole fit (:mod:`pm_em.chunks.distributed`).
         None: in this process, one chunk in memory at a time.
     latent_vars, tol, max_iter, random_seed, progressbar, compile_kwargs, backend
-        As in :func:`pm_em.find_MAP`. ``random_seed`` seeds the jittered start
-        (:meth:`pm_em.EM.initial_point`); ``initvals`` override it.
+        As in :func:`pm_em.find_MAP`. The starts are ``find_MAP``'s with
+        ``init="jitter"`` (seeded by ``random_seed``), ``initvals`` set in each.
+    n_init : int, default 1
+        Starts, run one after another on the same chunks (and workers); the one
+        with the highest log-posterior wins (``em_stats.attrs["best_restart"]``,
+        every start's trace in ``restart_logp``).
 
     Returns
     -------
     az.InferenceData
         ``posterior``: the MAP point (chain = draw = 1). ``em_stats``: ``logp``
-        per iteration, ``n_iter``, ``n_e_steps``, ``converged``; attrs
+        per iteration, ``n_iter``, ``n_e_steps``, ``converged`` (the best start's),
+        ``restart_logp``, ``restart_converged``; attrs ``best_restart``, ``stopped``,
         ``n_observations``, ``n_rows``, ``chunk_length``, ``n_chunks``. The
         responsibilities (rows x support) are not materialized: for the rows of
         one chunk, ``pm_em.EM(model).e_step(point)`` on a model declared on them.
@@ -279,38 +287,55 @@ def fit_chunked(
     ...     pm.Normal("x", mu[z], sigma[z], observed=x[:100_000])
     >>> idata = pm_em.find_MAP(model, data={"x": x})  # doctest: +SKIP
     """
+    if n_init < 1:
+        raise ValueError(f"n_init must be at least 1, got {n_init!r}.")
     em = cached_routine(model, latent_vars, compile_kwargs, backend)
+    # The starts find_MAP's init="jitter" gives, so that the fits are comparable.
+    starts = start_points(em, "jitter", n_init, random_seed, fixed=initvals or {})
+    if initvals:
+        unknown = set(initvals) - set(starts[0])
+        if unknown:
+            raise ValueError(f"initvals: {sorted(unknown)} are not continuous free variables.")
+        starts = [{**point, **{k: np.asarray(v) for k, v in initvals.items()}} for point in starts]
     routine = ChunkedEM(em, data, client=client)
+    runs = []
     try:
-        point = em.initial_point(random_seed=random_seed)
-        if initvals:
-            unknown = set(initvals) - set(point)
-            if unknown:
-                raise ValueError(f"initvals: {sorted(unknown)} are not continuous free variables.")
-            point.update({k: np.asarray(v) for k, v in initvals.items()})
-        values = em.to_values(point)
         per_iteration = routine.n_chunks * routine.n_levels
-        if progressbar:
-            bar, progress = _progress_bar(per_iteration)
-            with bar:
-                values, logp, history = routine.run(
-                    values, tol=tol, max_iter=max_iter, progress=progress
+        bar, progress = _progress_bar(per_iteration) if progressbar else (nullcontext(), None)
+        with bar:
+            # One start after the other on the same chunks (and workers).
+            for point in starts:
+                runs.append(
+                    routine.run(em.to_values(point), tol=tol, max_iter=max_iter, progress=progress)
                 )
-        else:
-            values, logp, history = routine.run(values, tol=tol, max_iter=max_iter)
     finally:
         routine.close()
+    finals = [logp if history.stopped is None else -np.inf for _, logp, history in runs]
+    best = int(np.argmax(finals)) if np.isfinite(max(finals)) else len(runs) - 1
+    values, logp, history = runs[best]
+    length = max(len(h.logp) for _, _, h in runs)
+    restart_logp = np.full((len(runs), length), np.nan)
+    for r, (_, _, h) in enumerate(runs):
+        restart_logp[r, : len(h.logp)] = h.logp
     stats = xr.Dataset(
         {
             "logp": ("iteration", np.asarray(history.logp)),
             "n_iter": history.n_iter,
             "n_e_steps": history.n_e_steps,
             "converged": history.converged,
+            "restart_logp": (("restart", "restart_iteration"), restart_logp),
+            "restart_converged": ("restart", [h.converged for _, _, h in runs]),
         },
-        coords={"iteration": np.arange(len(history.logp))},
+        coords={
+            "iteration": np.arange(len(history.logp)),
+            "restart": np.arange(len(runs)),
+            "restart_iteration": np.arange(length),
+        },
         attrs={
             "tol": tol,
             "max_iter": max_iter,
+            "best_restart": best,
+            "stopped": history.stopped or "",
             "n_observations": routine.n_observations,
             "n_rows": routine.n_rows,
             "chunk_length": routine.plan.chunk_length,
