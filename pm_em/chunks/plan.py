@@ -235,7 +235,12 @@ def plan_chunks(em, names: list[str]) -> ChunkPlan:
             global_terms.append(term.logp.sum())
     for rv in model.observed_RVs:
         if known & set(ancestors([model.rvs_to_values[rv]])):
-            rows_observed += math.prod(rv.type.shape[1:])
+            value = model.rvs_to_values[rv]
+            if isinstance(value, Constant | SharedVariable):
+                row_shape = _value_shape(value)[1:]
+            else:
+                row_shape = _value_shape(next(v for v in known if v in ancestors([value])))[1:]
+            rows_observed += math.prod(row_shape)
     chunk_logp = sum((post.log_marginal for post in graphs.posteriors), pt.constant(0.0))
     chunk_logp = chunk_logp + sum(chunk_terms, pt.constant(0.0))
     global_logp = sum(global_terms, pt.constant(0.0))
