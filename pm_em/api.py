@@ -11,6 +11,7 @@ import arviz as az
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from pm_em.chunks.fit import fit_chunked
 from pm_em.diagnostics import (
     check_observed_data,
     check_start_values,
@@ -141,6 +142,8 @@ def find_MAP(
     laplace: bool = False,
     callback=None,
     var_names=None,
+    data: Mapping | None = None,
+    client=None,
 ) -> az.InferenceData:
     """MAP estimate of a PyMC model with finite discrete latents, by EM.
 
@@ -225,6 +228,20 @@ def find_MAP(
         point so far is returned, marked not converged, with
         ``em_stats.attrs["stopped"] = "callback"``. Ctrl-C (KeyboardInterrupt) stops
         it the same way (``"interrupt"``), within one E- or M-step.
+    data : dict, optional
+        Fit on data larger than memory, a chunk at a time (:mod:`pm_em.chunks`):
+        declare the model on one chunk (its first rows, same dims; their number is
+        the chunk length) and give here each observed variable's (or ``pm.Data``
+        container's) full data: a NumPy array, a memory map
+        (``np.load(path, mmap_mode="r")``), a Dask array or an xarray.DataArray.
+        The fit takes plain EM steps from ``initvals`` (else a jittered start,
+        ``init="jitter"``) and returns ``posterior`` (the MAP point) and
+        ``em_stats`` only: no responsibilities, labels or pointwise
+        log-likelihood (they are rows x support). ``n_init`` starts run one after
+        another; ``laplace``, ``callback`` and ``var_names`` are not available.
+    client : dask.distributed.Client, optional
+        With ``data``: run the chunks on the client's workers, each keeping its
+        chunks and compiled routine for the whole fit. Without: in this process.
 
     Returns
     -------
@@ -280,6 +297,25 @@ def find_MAP(
     """
     model = model_or_context(model)
     _check_options(tol, max_iter, blas_cores, n_init, accelerate)
+    if data is not None:
+        _check_chunked_options(init, accelerate, laplace, callback, var_names)
+        with threadpool_limits(limits=blas_cores) if blas_cores is not None else nullcontext():
+            return fit_chunked(
+                model,
+                data=data,
+                client=client,
+                latent_vars=latent_vars,
+                initvals=initvals,
+                n_init=n_init,
+                tol=tol,
+                max_iter=max_iter,
+                random_seed=random_seed,
+                progressbar=progressbar,
+                compile_kwargs=compile_kwargs,
+                backend=backend,
+            )
+    if client is not None:
+        raise ValueError("client is for chunked fits: give the full data in data= too.")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {callback!r}.")
     em = cached_routine(model, latent_vars, compile_kwargs, backend)
@@ -334,6 +370,23 @@ def find_MAP(
     if var_names is not None:
         idata = _select(idata, var_names)
     return idata
+
+
+def _check_chunked_options(init, accelerate, laplace, callback, var_names) -> None:
+    """Refuse the options a chunked fit (``data=``) does not have."""
+    refused = {
+        "init": not (isinstance(init, str) and init in ("auto", "jitter")),
+        "accelerate": accelerate == "squarem",
+        "laplace": bool(laplace),
+        "callback": callback is not None,
+        "var_names": var_names is not None,
+    }
+    named = [name for name, bad in refused.items() if bad]
+    if named:
+        raise ValueError(
+            f"{named} are not available with data= (a chunked fit): it takes plain EM "
+            "steps from initvals or a jittered start. Leave them at their defaults."
+        )
 
 
 def _check_var_names(em: EM, var_names) -> None:

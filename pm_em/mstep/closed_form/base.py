@@ -10,6 +10,7 @@ import numpy as np
 import pytensor.tensor as pt
 from pytensor.graph.basic import Variable
 
+from pm_em.chunks.statistic import additive
 from pm_em.model.analysis import ParamSpec
 
 __all__ = ["ClosedFormUpdate", "finite", "scatter_sum"]
@@ -42,7 +43,7 @@ def scatter_sum(values: Variable, ids: np.ndarray, size: int) -> Variable:
     entries are summed first, so that the scatter is over ``K`` values only.
     """
     if (ids == ids[:, :1]).all():
-        summed = values.sum(axis=1)
+        summed = additive(values.sum(axis=1))
         config_ids = ids[:, 0].ravel()
         keep = np.flatnonzero(config_ids >= 0)
         flat_summed = pt.broadcast_to(summed, ids[:, 0].shape).ravel()
@@ -50,7 +51,7 @@ def scatter_sum(values: Variable, ids: np.ndarray, size: int) -> Variable:
     flat_ids = ids.ravel()
     keep = np.flatnonzero(flat_ids >= 0)
     flat_values = pt.broadcast_to(values, ids.shape).ravel()[keep]
-    return pt.inc_subtensor(pt.zeros((size,))[pt.constant(flat_ids[keep])], flat_values)
+    return additive(pt.inc_subtensor(pt.zeros((size,))[pt.constant(flat_ids[keep])], flat_values))
 
 
 def finite(x: Variable) -> Variable:

@@ -36,6 +36,7 @@ from pytensor.tensor.random.basic import MvNormalRV
 from pytensor.tensor.slinalg import cholesky
 from pytensor.tensor.subtensor import AdvancedSubtensor, AdvancedSubtensor1
 
+from pm_em.chunks.statistic import additive
 from pm_em.compile import evaluate_once
 from pm_em.model.connectivity import connected_labels
 from pm_em.model.initial_point import model_initial_point
@@ -187,11 +188,11 @@ def _config_matrix(ctx, expr, entries, d):
 def _weighted_sums(entries, values):
     """``N_k = sum_j R`` ``(K,)`` and ``S_k = sum_j R x_j`` ``(K, d)``."""
     weights = entries.weights
-    count = weights.sum(axis=1)
+    count = additive(weights.sum(axis=1))
     if values.type.shape[0] == 1:
-        total = pt.dot(weights, values[0])
+        total = additive(pt.dot(weights, values[0]))
     else:
-        total = (weights[:, :, None] * values).sum(axis=1)
+        total = additive((weights[:, :, None] * values).sum(axis=1))
     return count, total
 
 
@@ -487,8 +488,8 @@ def mvnormal_covariance(ctx, param) -> ClosedFormUpdate | None:
         membership = pt.constant(membership)
         residual = ctx.value_table(entries, (d,)) - ctx.table(mu, entries, (d,))
         weighted = entries.weights[:, :, None] * residual
-        config_scatter = weighted.transpose(0, 2, 1) @ residual  # (K, d, d)
-        count += pt.dot(membership, entries.weights.sum(axis=1))
+        config_scatter = additive(weighted.transpose(0, 2, 1) @ residual)  # (K, d, d)
+        count += pt.dot(membership, additive(entries.weights.sum(axis=1)))
         scatter += pt.tensordot(membership, config_scatter, axes=1)
     covariance = scatter / count[:, None, None]
     keep = np.stack([np.ones((d, d)) if kind == "full" else np.eye(d) for kind in group_kinds])

@@ -17,6 +17,7 @@ import pytensor.tensor as pt
 from pytensor.graph.traversal import ancestors
 from pytensor.tensor.random.basic import CategoricalRV
 
+from pm_em.chunks.statistic import additive
 from pm_em.estep.rewrites import strip_leading_broadcast
 from pm_em.mstep.closed_form.base import ClosedFormUpdate, finite
 from pm_em.mstep.closed_form.priors import prior_constants, prior_family
@@ -40,7 +41,7 @@ def _to_param_shape(counts, param, n_sequences: int):
     shape: shared by every sequence, or one per sequence. None otherwise."""
     core_ndim = counts.ndim - 1
     if len(param.shape) == core_ndim:
-        return counts.sum(axis=0)
+        return additive(counts.sum(axis=0))
     batch = param.shape[: len(param.shape) - core_ndim]
     if int(np.prod(batch, dtype=int)) != n_sequences:
         return None  # broadcast over some sequence axes only: left to the numeric M-step

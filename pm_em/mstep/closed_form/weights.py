@@ -12,6 +12,7 @@ import numpy as np
 import pytensor.tensor as pt
 from pytensor.tensor.random.basic import CategoricalRV
 
+from pm_em.chunks.statistic import additive
 from pm_em.estep.enumeration import unbroadcast
 from pm_em.mstep.closed_form.base import ClosedFormUpdate, finite
 from pm_em.mstep.closed_form.priors import prior_constants, prior_family
@@ -48,11 +49,13 @@ def categorical_weights(ctx, param) -> ClosedFormUpdate | None:
             # responsibilities over the entries first (a reduction PyTensor fuses
             # with their exp) leaves nothing the size of the table to allocate.
             one_hot = pt.eq(codes[:, 0, None], pt.arange(size))  # (K or 1, size)
-            counts += (entries.weights.sum(axis=1)[:, None] * one_hot).sum(axis=0)
+            counts += (additive(entries.weights.sum(axis=1))[:, None] * one_hot).sum(axis=0)
         else:
             # Codes per entry (observed labels): one masked sum per category, rather
             # than a (K, J, size) product.
-            counts += pt.stack([(entries.weights * pt.eq(values, c)).sum() for c in range(size)])
+            counts += pt.stack(
+                [additive((entries.weights * pt.eq(values, c)).sum()) for c in range(size)]
+            )
     if not ctx.users(param):
         return None
     new = (counts + pt.constant(concentration) - 1) / (counts.sum() + concentration.sum() - size)

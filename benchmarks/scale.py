@@ -1,0 +1,207 @@
+"""Chunked EM at scale: the 1-D two-component mixture at n = 10^6, 10^7, 10^8.
+
+The data are written to a memory-mapped ``.npy`` file (in blocks, never whole in
+memory) and fitted with ``pm_em.find_MAP(model, data={"x": mapped})``, the model
+declared on the first chunk: in this process, and on a 2-worker ``LocalCluster``
+(one thread each). scikit-learn's ``GaussianMixture`` (the data in memory) is the
+reference where it fits. Every measurement runs in a fresh process, so that its peak
+RSS (``VmHWM``) is its own; on the cluster, the workers' peaks are reported too.
+
+Time per iteration: the wall time between the first and the last iteration's end,
+over the iterations between (a fixed number: ``tol=0``), so compilation, the
+cluster's start and the first chunk reads are not counted.
+
+Usage::
+
+    python benchmarks/scale.py                 # 1e6 and 1e7, all runners
+    python benchmarks/scale.py --n 1e8 --runners chunks cluster --iterations 3
+
+The data file goes to ``--dir`` (default /tmp) and is deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from rss import status_bytes  # noqa: E402
+
+BLOCK = 1_000_000
+START = {"w": np.array([0.5, 0.5]), "mu": np.array([-1.0, 1.0]), "sigma": np.array([1.0, 1.0])}
+
+
+def write_data(path: Path, n: int, seed: int = 0) -> None:
+    """Two Gaussians (-2, 1) and (3, 0.7), weights 0.4 / 0.6, block by block."""
+    rng = np.random.default_rng(seed)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype="float64", shape=(n,))
+    for start in range(0, n, BLOCK):
+        size = min(BLOCK, n - start)
+        first = rng.random(size) < 0.4
+        out[start : start + size] = np.where(
+            first, rng.normal(-2.0, 1.0, size), rng.normal(3.0, 0.7, size)
+        )
+    out.flush()
+    del out
+
+
+def chunk_length(n: int) -> int:
+    return min(n // 4, BLOCK)
+
+
+def model_on(first_rows):
+    import pymc as pm
+
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", np.ones(2))
+        mu = pm.Normal("mu", 0.0, 10.0, shape=2)
+        sigma = pm.HalfNormal("sigma", 5.0, shape=2)
+        z = pm.Categorical("z", w, shape=len(first_rows))
+        pm.Normal("x", mu[z], sigma[z], observed=np.asarray(first_rows))
+    return model
+
+
+class IterationClock:
+    """Progress hook recording when each iteration ends."""
+
+    def __init__(self):
+        self.ends = []
+
+    def __call__(self, n_done):
+        pass
+
+    def iteration(self, iteration, logp):
+        self.ends.append(time.perf_counter())
+
+
+def _peak_rss() -> int:
+    """This process's peak RSS in bytes (defined here, so that it is sent to Dask
+    workers by value)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_chunks(path: str, iterations: int, workers: int) -> dict:
+    from pm_em import EM
+    from pm_em.chunks.fit import ChunkedEM
+
+    mapped = np.load(path, mmap_mode="r")
+    n = mapped.shape[0]
+    em = EM(model_on(mapped[: chunk_length(n)]))
+    client = cluster = None
+    if workers:
+        from distributed import Client, LocalCluster
+
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, dashboard_address=None, processes=True
+        )
+        client = Client(cluster)
+    routine = ChunkedEM(em, {"x": mapped}, client=client)
+    clock = IterationClock()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tol=0: "did not converge" by design
+        values, logp, _ = routine.run(
+            em.to_values(START), tol=0.0, max_iter=iterations, progress=clock
+        )
+    record = {
+        "seconds_per_iteration": float(np.diff(clock.ends).mean()),
+        "n_chunks": routine.n_chunks,
+        "chunk_length": chunk_length(n),
+        "logp": logp,
+        "mu": em.to_point(values)["mu"].tolist(),
+        "rss_peak_mb": status_bytes("VmHWM") / 2**20,
+    }
+    if client is not None:
+        peaks = client.run(_peak_rss)
+        record["worker_rss_peak_mb"] = [v / 2**20 for v in peaks.values()]
+        client.close()
+        cluster.close()
+    return record
+
+
+def run_sklearn(path: str, iterations: int) -> dict:
+    from sklearn.mixture import GaussianMixture
+
+    x = np.load(path)[:, None]  # in memory
+    gm = GaussianMixture(
+        2,
+        max_iter=iterations,
+        tol=0.0,
+        weights_init=START["w"],
+        means_init=START["mu"][:, None],
+        precisions_init=(1.0 / START["sigma"] ** 2)[:, None, None],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        begin = time.perf_counter()
+        gm.fit(x)
+        elapsed = time.perf_counter() - begin
+    return {
+        # Its fit includes one extra E-step (the final one): counted as an iteration.
+        "seconds_per_iteration": elapsed / (gm.n_iter_ + 1),
+        "mu": gm.means_.ravel().tolist(),
+        "rss_peak_mb": status_bytes("VmHWM") / 2**20,
+    }
+
+
+def worker_main(args) -> None:
+    if args.runner == "sklearn":
+        record = run_sklearn(args.path, args.iterations)
+    else:
+        record = run_chunks(args.path, args.iterations, 2 if args.runner == "cluster" else 0)
+    print("RESULT " + json.dumps(record))
+
+
+def measure(runner: str, path: Path, iterations: int) -> dict:
+    command = [sys.executable, __file__, "--worker", runner, "--path", str(path)]
+    command += ["--iterations", str(iterations)]
+    done = subprocess.run(command, capture_output=True, text=True, env=os.environ.copy())
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(f"{runner} failed:\n{done.stderr[-3000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", nargs="*", type=float, default=[1e6, 1e7])
+    parser.add_argument(
+        "--runners", nargs="*", default=["chunks", "cluster", "sklearn"], help="which to run"
+    )
+    parser.add_argument("--iterations", type=int, default=5)
+    parser.add_argument("--dir", default="/tmp")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        args.runner = args.worker
+        worker_main(args)
+        return
+    print(f"uptime: {os.popen('uptime').read().strip()}")
+    for n in (int(v) for v in args.n):
+        path = Path(args.dir) / f"pm_em_scale_{n}.npy"
+        try:
+            write_data(path, n)
+            for runner in args.runners:
+                if runner == "sklearn" and n > 10**7:
+                    continue  # 10^8 rows x 2 components of float64 tables: not on this machine
+                record = measure(runner, path, args.iterations)
+                print(json.dumps({"n": n, "runner": runner, **record}), flush=True)
+        finally:
+            path.unlink(missing_ok=True)
+    print(f"uptime: {os.popen('uptime').read().strip()}")
+
+
+if __name__ == "__main__":
+    main()
