@@ -8,11 +8,11 @@ import signal
 
 import numpy as np
 import pytest
-from test_chunked import CASES, assert_same_fit, fit_in_memory
 
 from pm_em import EM
 from pm_em.chunks.fit import ChunkedEM, fit_chunked
 from pm_em.errors import EMConvergenceWarning
+from tests.test_chunked import CASES, assert_same_fit, fit_in_memory
 
 distributed = pytest.importorskip("distributed")
 
