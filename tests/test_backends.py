@@ -197,6 +197,26 @@ def test_jax_keeps_float64_where_a_float32_literal_meets_zeros():
     np.testing.assert_array_equal(out, np.array([1.0, 0.0, 0.0, 2.0]) / 3.0)
 
 
+def test_jax_writes_through_a_constant_mask_inside_a_vectorized_graph():
+    """PyMC imputes missing data by writing through a constant boolean mask, and
+    enumerating a latent vectorizes that write: JAX then saw the mask traced and
+    refused it (NonConcreteBooleanIndexError). Exact, as NumPy computes it."""
+    pytest.importorskip("jax")
+    from pytensor.graph.replace import vectorize_graph
+
+    from pm_em.compile import compile_function
+
+    mask = np.array([True, False, True, True, False])
+    base = pt.vector("base", shape=(5,))
+    imputed = pt.vector("imputed", shape=(3,))
+    core = pt.set_subtensor(base[mask], imputed)[mask] * 2.0
+    batch = pt.matrix("batch", shape=(4, 3))
+    (out,) = compile_function(
+        [base, batch], [vectorize_graph(core, {imputed: batch})], backend="jax"
+    )(np.arange(5.0), np.arange(12.0).reshape(4, 3))
+    np.testing.assert_array_equal(out, 2.0 * np.arange(12.0).reshape(4, 3))
+
+
 def test_environment_sets_the_default(monkeypatch):
     monkeypatch.setenv("PM_EM_BACKEND", "c")
     assert default_backend() == "c"
