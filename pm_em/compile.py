@@ -1,10 +1,11 @@
 """The one place where pm_em turns graphs into callables, and where the backend
 (the PyTensor mode that compiles them) is chosen.
 
-Backends. ``"c"`` (the default) is PyTensor's default mode: C thunks, cached on
-disk, tens of seconds for a new model on an empty cache. ``"jax"`` traces each
-function with JAX and compiles it with XLA: seconds for a new model. ``PM_EM_BACKEND``
-in the environment overrides the default. Under JAX, ``Alloc`` results are cast
+Backends. ``"jax"`` (the default when JAX can be imported) traces each function with
+JAX and compiles it with XLA: seconds for a new model. ``"c"`` (the fallback) is
+PyTensor's default mode: C thunks, cached on disk, tens of seconds for a new model on
+an empty cache. ``PM_EM_BACKEND`` in the environment overrides the default; an
+explicit ``backend=`` overrides both. Under JAX, ``Alloc`` results are cast
 to their declared dtype (:mod:`pm_em.jax_dispatch`): PyTensor's dispatch leaves them
 weakly typed, and float32 constants then pulled float64 arithmetic down to float32.
 
@@ -17,7 +18,7 @@ recompiling); a new shape makes the routine stale (:mod:`pm_em.data`), as with C
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import os
 import warnings
 from collections.abc import Sequence
@@ -62,13 +63,21 @@ _ONCE = Mode(linker="py", optimizer="fast_compile")
 
 
 def default_backend() -> str:
-    """``PM_EM_BACKEND`` when set, else ``"c"``."""
+    """``PM_EM_BACKEND`` when set, else ``"jax"`` when JAX is installed, else ``"c"``."""
     chosen = os.environ.get("PM_EM_BACKEND", "").strip().lower()
-    return resolve_backend(chosen) if chosen else "c"
+    if chosen:
+        return resolve_backend(chosen)
+    return "jax" if _jax_installed() else "c"
 
 
+@functools.cache
 def _jax_installed() -> bool:
-    return importlib.util.find_spec("jax") is not None
+    """Whether JAX imports (an installed but broken JAX makes C the default)."""
+    try:
+        import jax  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def resolve_backend(backend: str | None, compile_kwargs: dict | None = None) -> str:

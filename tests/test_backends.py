@@ -1,8 +1,14 @@
 """The backends: the option, and one fit per family on the backend the suite does not
-run by default (the suite runs on ``pm_em.compile.default_backend()``, which
-``PM_EM_BACKEND`` sets). Each fit is checked against an independent reference:
-scikit-learn, NumPy Baum–Welch, the conjugate formula, the float64 mode.
+run by default (the suite runs on ``pm_em.compile.default_backend()``: JAX when it is
+installed, else C, or what ``PM_EM_BACKEND`` sets; this file then runs the other one).
+Each fit is checked against an independent reference: scikit-learn, NumPy
+Baum–Welch, the conjugate formula, the float64 mode.
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pymc as pm
@@ -15,6 +21,7 @@ import pm_em
 from pm_em.compile import default_backend, resolve_backend
 from pm_em.em import cached_routine
 
+REPO = Path(__file__).resolve().parent.parent
 DEFAULT = default_backend()
 #: The backend this suite does not run by default: every family gets a fit on it.
 OTHER = "c" if DEFAULT == "jax" else "jax"
@@ -217,9 +224,39 @@ def test_jax_writes_through_a_constant_mask_inside_a_vectorized_graph():
     np.testing.assert_array_equal(out, 2.0 * np.arange(12.0).reshape(4, 3))
 
 
+def test_jax_computes_float64_in_a_float32_session():
+    """PyTensor sets JAX's float64 from floatX when its JAX dispatch is imported: in a
+    process started with floatX=float32, float64 graphs were computed in float32."""
+    pytest.importorskip("jax")
+    script = (
+        "import numpy as np, pytensor.tensor as pt\n"
+        "from pm_em.compile import compile_function\n"
+        "x = pt.dvector('x')\n"
+        "(out,) = compile_function([x], [x + 1e-10], backend='jax')(np.array([1.0]))\n"
+        "print(out.dtype, repr(float(out[0] - 1.0)))\n"
+    )
+    env = {**os.environ, "PYTENSOR_FLAGS": "floatX=float32"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    dtype, difference = done.stdout.split()
+    assert dtype == "float64"
+    assert float(difference) == pytest.approx(1e-10, rel=1e-5)
+
+
 def test_environment_sets_the_default(monkeypatch):
+    pytest.importorskip("jax")
+    monkeypatch.delenv("PM_EM_BACKEND", raising=False)
+    assert default_backend() == "jax"
+    assert resolve_backend(None) == "jax"
+    assert resolve_backend("c") == "c"  # an explicit backend wins
     monkeypatch.setenv("PM_EM_BACKEND", "c")
     assert default_backend() == "c"
+    assert resolve_backend("jax") == "jax"
+    monkeypatch.delenv("PM_EM_BACKEND")
+    monkeypatch.setattr("pm_em.compile._jax_installed", lambda: False)
+    assert default_backend() == "c"  # the fallback without JAX
     monkeypatch.setenv("PM_EM_BACKEND", "numpy")
     with pytest.raises(ValueError, match="backend must be one of"):
         default_backend()

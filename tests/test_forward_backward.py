@@ -426,6 +426,7 @@ def test_jax_probability_space_form_is_taken_only_where_exact():
     log_transition[1, 0, 2] = -np.inf  # a zero probability alone: still exact
     *scaled, exact = jax_impl._forward_backward_scaled(log_emission, log_transition, log_initial)
     assert bool(exact)
+    assert all(v.dtype == np.float64 for v in scaled)  # JAX's float64 is on
     log_space = jax_impl.forward_backward_log_space(log_emission, log_transition, log_initial)
     for name, fast, reference in zip(OUTPUT_NAMES, scaled, log_space):
         np.testing.assert_allclose(fast, reference, rtol=1e-11, atol=1e-11, err_msg=name)
