@@ -440,7 +440,7 @@ ZIP = Case(
     from_posterior=lambda get: {"psi": get("psi"), "rate": get("rate")},
     sklearn=None,
     from_sklearn=None,
-    peers=("numpy", "pm_em", "pm_em-jax"),
+    peers=("numpy", "pm_em", "pm_em-jax", "pymc-extras"),
 )
 
 

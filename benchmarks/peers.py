@@ -76,7 +76,7 @@ def make_fit(
         "numpy": _numpy,
         "sklearn": _sklearn,
         "hmmlearn": _hmmlearn,
-        "pm_em": _pm_em,
+        "pm_em": partial(_pm_em, backend="c"),
         "pm_em-jax": partial(_pm_em, backend="jax"),
         "pymc-extras": _pymc_extras,
     }
@@ -185,7 +185,7 @@ def _pm_em(
     case: Case, x: np.ndarray, tol: float, max_iter: int, seed: int, backend: str | None = None
 ) -> Callable[[], Fit]:
     """``pm_em.find_MAP`` on the model with its latent written out, compiled with
-    ``backend`` (``pm_em``: the default backend, C; ``pm_em-jax``: JAX).
+    ``backend`` (``pm_em``: C; ``pm_em-jax``: JAX, the default backend).
 
     The model object is built once; the first call compiles the EM routine (and
     caches it on the model), later calls reuse it.

@@ -83,8 +83,8 @@ PEER_LABELS = {
     "numpy": "NumPy EM",
     "sklearn": "scikit-learn",
     "hmmlearn": "hmmlearn",
-    "pm_em": "pm_em (default backend)",
-    "pm_em-jax": "pm_em (JAX backend)",
+    "pm_em": "pm_em (C backend)",
+    "pm_em-jax": "pm_em (JAX backend, the default)",
     "pymc-extras": "pymc-extras",
 }
 RESULT_PREFIX = "BENCH-RESULT "
@@ -525,11 +525,12 @@ def targets_table(rows: list[Measurement], args: argparse.Namespace) -> str:
 
     measured = sorted({(r.case, r.n) for r in rows})
     target = "warm fit ≤ 1.0x scikit-learn"
-    for key, n in measured:
-        pe, sk = _by(rows, key, n, "pm_em"), _by(rows, key, n, "sklearn")
+    for key, n, peer in ((k, n, p) for k, n in measured for p in ("pm_em", "pm_em-jax")):
+        pe, sk = _by(rows, key, n, peer), _by(rows, key, n, "sklearn")
         if key not in ("gmm1d", "mvgmm2d") or n < 100_000 or pe is None or sk is None:
             continue
-        mine, ref = _fmt_s(pe.warm_s, pe.status), _fmt_s(sk.warm_s, sk.status)
+        mine = f"{_fmt_s(pe.warm_s, pe.status)} ({PEER_LABELS[peer]})"
+        ref = _fmt_s(sk.warm_s, sk.status)
         if pe.warm_s is None or sk.warm_s is None:
             line(target, key, n, mine, ref, "–", "not measured")
         else:
@@ -537,11 +538,11 @@ def targets_table(rows: list[Measurement], args: argparse.Namespace) -> str:
             line(target, key, n, mine, ref, _fmt_ratio(ratio), verdict(ratio, 1.0))
 
     target = "cold time ≤ 1/3 of pymc-extras' cold find_MAP"
-    for key, n in measured:
-        pe, pmx = _by(rows, key, n, "pm_em"), _by(rows, key, n, "pymc-extras")
+    for key, n, peer in ((k, n, p) for k, n in measured for p in ("pm_em", "pm_em-jax")):
+        pe, pmx = _by(rows, key, n, peer), _by(rows, key, n, "pymc-extras")
         if pe is None or pmx is None or pe.cold_status is None or pmx.cold_status is None:
             continue
-        mine = _fmt_s(pe.cold_s, pe.cold_status)
+        mine = f"{_fmt_s(pe.cold_s, pe.cold_status)} ({PEER_LABELS[peer]})"
         if pe.cold_s is not None and pmx.cold_s is not None:
             ratio = pe.cold_s / pmx.cold_s
             line(target, key, n, mine, _fmt_s(pmx.cold_s), _fmt_ratio(ratio), verdict(ratio, 1 / 3))

@@ -202,10 +202,11 @@ def find_MAP(
     compile_kwargs : dict, optional
         Passed to :func:`pytensor.function`.
     backend : {"c", "jax"}, optional
-        What compiles the routine: ``"c"`` (the default: PyTensor's C code, cached
-        on disk, tens of seconds for a new model) or ``"jax"`` (JAX/XLA: a new model
-        compiles in seconds; ``pip install "pm_em[jax]"``). ``PM_EM_BACKEND`` in the
-        environment sets the default. Recorded in ``em_stats.attrs["backend"]``.
+        What compiles the routine: ``"jax"`` (the default: JAX/XLA, a new model
+        compiles in seconds) or ``"c"`` (PyTensor's C code, cached on disk, tens of
+        seconds for a new model; the default when JAX cannot be imported).
+        ``PM_EM_BACKEND`` in the environment sets the default. Recorded in
+        ``em_stats.attrs["backend"]``.
     blas_cores : int or None, default 1
         Threads BLAS may use during the fit (as ``pm.sample``'s ``blas_cores``);
         None leaves the setting alone. EM's linear algebra is on small arrays, where

@@ -1,10 +1,11 @@
 """The one place where pm_em turns graphs into callables, and where the backend
 (the PyTensor mode that compiles them) is chosen.
 
-Backends. ``"c"`` (the default) is PyTensor's default mode: C thunks, cached on
-disk, tens of seconds for a new model on an empty cache. ``"jax"`` traces each
-function with JAX and compiles it with XLA: seconds for a new model. ``PM_EM_BACKEND``
-in the environment overrides the default. Under JAX, ``Alloc`` results are cast
+Backends. ``"jax"`` (the default when JAX can be imported) traces each function with
+JAX and compiles it with XLA: seconds for a new model. ``"c"`` (the fallback) is
+PyTensor's default mode: C thunks, cached on disk, tens of seconds for a new model on
+an empty cache. ``PM_EM_BACKEND`` in the environment overrides the default; an
+explicit ``backend=`` overrides both. Under JAX, ``Alloc`` results are cast
 to their declared dtype (:mod:`pm_em.jax_dispatch`): PyTensor's dispatch leaves them
 weakly typed, and float32 constants then pulled float64 arithmetic down to float32.
 
@@ -17,7 +18,7 @@ recompiling); a new shape makes the routine stale (:mod:`pm_em.model.data`), as 
 
 from __future__ import annotations
 
-import importlib.util
+import functools
 import os
 import warnings
 from collections.abc import Sequence
@@ -29,11 +30,14 @@ import pytensor.tensor as pt
 from pytensor.compile.mode import Mode
 from pytensor.compile.sharedvalue import SharedVariable
 from pytensor.graph.basic import Variable
-from pytensor.graph.replace import graph_replace
+from pytensor.graph.replace import graph_replace, vectorize_graph
 from pytensor.graph.rewriting.utils import rewrite_graph
-from pytensor.graph.traversal import graph_inputs
+from pytensor.graph.traversal import applys_between, graph_inputs
+from pytensor.tensor.blockwise import Blockwise
 from pytensor.tensor.random.type import RandomType
+from pytensor.tensor.subtensor import AdvancedIncSubtensor, AdvancedSubtensor
 from pytensor.tensor.type import TensorType
+from pytensor.tensor.variable import TensorConstant
 
 from pm_em.model.data import note_reads
 
@@ -42,6 +46,7 @@ __all__ = [
     "CompiledFunction",
     "JAXFunction",
     "compile_function",
+    "constant_masks_as_indices",
     "default_backend",
     "evaluate_once",
     "freeze_shapes",
@@ -58,13 +63,21 @@ _ONCE = Mode(linker="py", optimizer="fast_compile")
 
 
 def default_backend() -> str:
-    """``PM_EM_BACKEND`` when set, else ``"c"``."""
+    """``PM_EM_BACKEND`` when set, else ``"jax"`` when JAX is installed, else ``"c"``."""
     chosen = os.environ.get("PM_EM_BACKEND", "").strip().lower()
-    return resolve_backend(chosen) if chosen else "c"
+    if chosen:
+        return resolve_backend(chosen)
+    return "jax" if _jax_installed() else "c"
 
 
+@functools.cache
 def _jax_installed() -> bool:
-    return importlib.util.find_spec("jax") is not None
+    """Whether JAX imports (an installed but broken JAX makes C the default)."""
+    try:
+        import jax  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def resolve_backend(backend: str | None, compile_kwargs: dict | None = None) -> str:
@@ -130,6 +143,88 @@ def freeze_shapes(outputs: Sequence[Variable]) -> list[Variable]:
             outputs, include=("canonicalize", "ShapeOpt", "local_shape_to_shape_i")
         )
     return outputs
+
+
+def constant_masks_as_indices(outputs: Sequence[Variable]) -> list[Variable]:
+    """``outputs`` with every constant boolean index replaced by its integer indices.
+
+    PyMC imputes missing data by writing the imputed values through a constant mask
+    (``x[mask].set(x_missing)``), and enumerating a latent vectorizes that write
+    (``Blockwise``). JAX takes a concrete boolean mask, but vectorizing traces every
+    input, the mask included, and JAX cannot index with a traced boolean mask
+    (``NonConcreteBooleanIndexError``). ``mask.nonzero()`` selects the same entries,
+    traced or not; PyTensor's own rewrite (``bool_idx_to_nonzero``) runs for Numba
+    only, and not inside a ``Blockwise``.
+    """
+    outputs = list(outputs)
+    # One node at a time: a replacement may read the output of another masked node.
+    while True:
+        for node in applys_between(graph_inputs(outputs), outputs):
+            replacement = _integer_indexed(node)
+            if replacement is not None:
+                outputs = list(graph_replace(outputs, {node.outputs[0]: replacement}, strict=False))
+                break
+        else:
+            return outputs
+
+
+def _integer_indexed(node) -> Variable | None:
+    """The output of an (advanced, possibly vectorized) indexing ``node`` with its
+    constant boolean indices as integer indices, or None when it has none."""
+    vectorized = isinstance(node.op, Blockwise)
+    core_op = node.op.core_op if vectorized else node.op
+    if not isinstance(core_op, AdvancedSubtensor | AdvancedIncSubtensor):
+        return None
+    n_data = 1 if isinstance(core_op, AdvancedSubtensor) else 2
+    signatures = node.op.inputs_sig if vectorized else [None] * len(node.inputs)
+    masks = [
+        _constant_mask(idx, None if sig is None else len(sig))
+        for idx, sig in zip(node.inputs[n_data:], signatures[n_data:], strict=True)
+    ]
+    if all(mask is None for mask in masks):
+        return None
+    # Inside a Blockwise, the indexing is rebuilt on core stand-ins and vectorized
+    # again over the node's inputs (PyTensor's rewrites then drop the Blockwise, as
+    # for any integer index).
+    standins = {}
+
+    def core(var, sig):
+        if vectorized:
+            standins[var] = var.type.clone(shape=var.type.shape[var.type.ndim - len(sig) :])()
+            return standins[var]
+        return var
+
+    data = [core(v, sig) for v, sig in zip(node.inputs[:n_data], signatures, strict=False)]
+    indices = []
+    for idx, sig, mask in zip(node.inputs[n_data:], signatures[n_data:], masks, strict=True):
+        if mask is None:
+            indices.append(core(idx, sig))
+        else:
+            indices.extend(pt.constant(i, dtype="int64") for i in np.nonzero(mask))
+    output = core_op(*data, *indices)
+    if not vectorized:
+        return output
+    return vectorize_graph(output, replace={standin: var for var, standin in standins.items()})
+
+
+def _constant_mask(var, core_ndim: int | None) -> np.ndarray | None:
+    """The boolean array a constant mask holds, or None when ``var`` is not one.
+
+    ``core_ndim``: inside a ``Blockwise``, the mask's core dimensions; leading axes of
+    length one (the mask broadcast over the batch, as vectorizing leaves it) are
+    dropped, and a mask with batch axes of its own is not taken.
+    """
+    if core_ndim is not None:
+        while var.owner is not None and getattr(var.owner.op, "is_left_expand_dims", False):
+            var = var.owner.inputs[0]
+    if not isinstance(var, TensorConstant) or var.type.dtype != "bool":
+        return None
+    mask = np.asarray(var.data)
+    if core_ndim is None:
+        return mask
+    if any(length != 1 for length in mask.shape[: mask.ndim - core_ndim]):
+        return None
+    return mask.reshape(mask.shape[mask.ndim - core_ndim :])
 
 
 def compile_function(
@@ -241,7 +336,7 @@ class JAXFunction(CompiledFunction):
         import pm_em.jax_dispatch  # noqa: F401  (Alloc keeps its dtype under JAX)
 
         self._inputs = list(inputs)
-        self._outputs = freeze_shapes(outputs)
+        self._outputs = constant_masks_as_indices(freeze_shapes(outputs))
         self._kwargs = kwargs
         self._by_shapes = {}
         self._last = None
@@ -307,6 +402,6 @@ def evaluate_once(
     """Evaluate small analysis graphs a single time (cheap to compile, not to run)."""
     if not outputs:
         return []
-    note_reads(outputs)  # what a routine being built depends on (pm_em.data)
+    note_reads(outputs)  # what a routine being built depends on (pm_em.model.data)
     fn = pytensor.function(list(inputs), list(outputs), on_unused_input="ignore", mode=_ONCE)
     return CompiledFunction(fn)(*values)

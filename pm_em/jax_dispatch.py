@@ -1,4 +1,12 @@
-"""A correction to PyTensor's JAX dispatch: an ``Alloc`` returns its declared dtype.
+"""Corrections to PyTensor's JAX dispatch: JAX's float64 is on, and an ``Alloc``
+returns its declared dtype.
+
+PyTensor turns JAX's float64 (``jax_enable_x64``) on or off once, when its JAX
+dispatch is first imported, after ``floatX``: a process that imported it under
+``floatX="float32"`` computed every float64 graph in float32 (JAX silently demotes
+what it cannot represent), the forward-backward Op's float64 outputs included.
+Importing this module turns it on: JAX then computes each array in the dtype
+PyTensor's graph declares, float32 ones in float32.
 
 PyTensor's JAX linker hands a 0-d constant to JAX as a Python scalar, and JAX types
 an array made from a Python scalar *weakly*: ``jnp.broadcast_to(0.0, shape)`` is a
@@ -18,10 +26,14 @@ PyTensor's own fix for the same kind of bug in ``ARange``: pymc-devs/pytensor#22
 
 from __future__ import annotations
 
+import jax
 from pytensor.link.jax.dispatch import jax_funcify
 from pytensor.tensor.basic import Alloc
 
 __all__ = ["jax_funcify_Alloc"]
+
+# After PyTensor's import above, which sets it from floatX.
+jax.config.update("jax_enable_x64", True)
 
 _pytensor_alloc = jax_funcify.dispatch(Alloc)
 

@@ -1,8 +1,14 @@
 """The backends: the option, and one fit per family on the backend the suite does not
-run by default (the suite runs on ``pm_em.compile.default_backend()``, which
-``PM_EM_BACKEND`` sets). Each fit is checked against an independent reference:
-scikit-learn, NumPy Baum–Welch, the conjugate formula, the float64 mode.
+run by default (the suite runs on ``pm_em.compile.default_backend()``: JAX when it is
+installed, else C, or what ``PM_EM_BACKEND`` sets; this file then runs the other one).
+Each fit is checked against an independent reference: scikit-learn, NumPy
+Baum–Welch, the conjugate formula, the float64 mode.
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pymc as pm
@@ -16,6 +22,7 @@ from pm_em.routine.em import cached_routine
 from tests.models import unit_scale_mixture
 from tests.references import hmm as reference_hmm
 
+REPO = Path(__file__).resolve().parent.parent
 DEFAULT = default_backend()
 #: The backend this suite does not run by default: every family gets a fit on it.
 OTHER = "c" if DEFAULT == "jax" else "jax"
@@ -195,9 +202,59 @@ def test_jax_keeps_float64_where_a_float32_literal_meets_zeros():
     np.testing.assert_array_equal(out, np.array([1.0, 0.0, 0.0, 2.0]) / 3.0)
 
 
+def test_jax_writes_through_a_constant_mask_inside_a_vectorized_graph():
+    """PyMC imputes missing data by writing through a constant boolean mask, and
+    enumerating a latent vectorizes that write: JAX then saw the mask traced and
+    refused it (NonConcreteBooleanIndexError). Exact, as NumPy computes it."""
+    pytest.importorskip("jax")
+    from pytensor.graph.replace import vectorize_graph
+
+    from pm_em.compile import compile_function
+
+    mask = np.array([True, False, True, True, False])
+    base = pt.vector("base", shape=(5,))
+    imputed = pt.vector("imputed", shape=(3,))
+    core = pt.set_subtensor(base[mask], imputed)[mask] * 2.0
+    batch = pt.matrix("batch", shape=(4, 3))
+    (out,) = compile_function(
+        [base, batch], [vectorize_graph(core, {imputed: batch})], backend="jax"
+    )(np.arange(5.0), np.arange(12.0).reshape(4, 3))
+    np.testing.assert_array_equal(out, 2.0 * np.arange(12.0).reshape(4, 3))
+
+
+def test_jax_computes_float64_in_a_float32_session():
+    """PyTensor sets JAX's float64 from floatX when its JAX dispatch is imported: in a
+    process started with floatX=float32, float64 graphs were computed in float32."""
+    pytest.importorskip("jax")
+    script = (
+        "import numpy as np, pytensor.tensor as pt\n"
+        "from pm_em.compile import compile_function\n"
+        "x = pt.dvector('x')\n"
+        "(out,) = compile_function([x], [x + 1e-10], backend='jax')(np.array([1.0]))\n"
+        "print(out.dtype, repr(float(out[0] - 1.0)))\n"
+    )
+    env = {**os.environ, "PYTENSOR_FLAGS": "floatX=float32"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    dtype, difference = done.stdout.split()
+    assert dtype == "float64"
+    assert float(difference) == pytest.approx(1e-10, rel=1e-5)
+
+
 def test_environment_sets_the_default(monkeypatch):
+    pytest.importorskip("jax")
+    monkeypatch.delenv("PM_EM_BACKEND", raising=False)
+    assert default_backend() == "jax"
+    assert resolve_backend(None) == "jax"
+    assert resolve_backend("c") == "c"  # an explicit backend wins
     monkeypatch.setenv("PM_EM_BACKEND", "c")
     assert default_backend() == "c"
+    assert resolve_backend("jax") == "jax"
+    monkeypatch.delenv("PM_EM_BACKEND")
+    monkeypatch.setattr("pm_em.compile._jax_installed", lambda: False)
+    assert default_backend() == "c"  # the fallback without JAX
     monkeypatch.setenv("PM_EM_BACKEND", "numpy")
     with pytest.raises(ValueError, match="backend must be one of"):
         default_backend()

@@ -22,16 +22,24 @@ from pm_em.estep.forward_backward import (
 from tests.references.brute_force import enumerate_paths, log_posterior_marginals
 
 PY_MODE = Mode(linker="py", optimizer="fast_compile")
-# None: PyTensor's default mode (C thunks). "jax": the JAX implementations (lax.scan);
-# "jax-parallel": the parallel-in-time forward-backward (associative_scan), forced on.
-MODES = {"c": None, "py": PY_MODE, "jax": "JAX", "jax-parallel": "JAX"}
+# None: PyTensor's default mode (C thunks). "jax": the JAX implementations (lax.scan;
+# forward-backward in probability space where that is exact, else in log space);
+# "jax-log": forward-backward forced to its log-space form; "jax-parallel": the
+# parallel-in-time forward-backward (associative_scan), forced on.
+MODES = {"c": None, "py": PY_MODE, "jax": "JAX", "jax-log": "JAX", "jax-parallel": "JAX"}
+#: Per JAX mode, the attributes of pm_em.estep.forward_backward_jax set while a call runs.
+JAX_FORCED = {
+    "jax-parallel": {"_use_parallel": lambda n_steps: True},
+    # No probability-space sum is then large enough to be taken as exact.
+    "jax-log": {"_FAST_MIN": np.inf},
+}
 
 
 def _compiled(request, inputs, outputs):
     """``outputs`` compiled in the fixture's mode, returning NumPy arrays; skipped
     when this machine cannot compile that mode. For ``jax-parallel`` the JAX
     forward-backward is forced to its parallel form while a call runs (JAX traces a
-    function at its first call for each input shape)."""
+    function at its first call for each input shape); likewise for ``jax-log``."""
     if request.param == "c" and not pytensor.config.cxx:
         pytest.skip("no C compiler configured")
     if request.param.startswith("jax"):
@@ -39,14 +47,15 @@ def _compiled(request, inputs, outputs):
     fn = pytensor.function(inputs, outputs, mode=MODES[request.param])
 
     def call(*args):
-        if request.param != "jax-parallel":
-            return [np.asarray(v) for v in fn(*args)]
-        saved = jax_impl._use_parallel
-        jax_impl._use_parallel = lambda n_steps: True
+        forced = JAX_FORCED.get(request.param, {})
+        saved = {name: getattr(jax_impl, name) for name in forced}
+        for name, value in forced.items():
+            setattr(jax_impl, name, value)
         try:
             return [np.asarray(v) for v in fn(*args)]
         finally:
-            jax_impl._use_parallel = saved
+            for name, value in saved.items():
+                setattr(jax_impl, name, value)
 
     call.fn = fn
     return call
@@ -371,3 +380,23 @@ def test_ops_merge_and_cast():
     assert first.dtype == "float64"
     fn = pytensor.function([le, lt, li], [first, second], mode=PY_MODE)
     assert sum(isinstance(n.op, ForwardBackward) for n in fn.maker.fgraph.apply_nodes) == 1
+
+
+def test_jax_probability_space_form_is_taken_only_where_exact():
+    """The JAX forward-backward runs in probability space (few operations per step)
+    only when no sum underflowed; otherwise it falls back to log space."""
+    jax_impl = pytest.importorskip("pm_em.estep.forward_backward_jax")
+    rng = np.random.default_rng(12)
+    log_emission, log_transition, log_initial = random_chains(rng, B=2, T=300, K=3)
+    log_transition[1, 0, 2] = -np.inf  # a zero probability alone: still exact
+    *scaled, exact = jax_impl._forward_backward_scaled(log_emission, log_transition, log_initial)
+    assert bool(exact)
+    assert all(v.dtype == np.float64 for v in scaled)  # JAX's float64 is on
+    log_space = jax_impl.forward_backward_log_space(log_emission, log_transition, log_initial)
+    for name, fast, reference in zip(OUTPUT_NAMES, scaled, log_space):
+        np.testing.assert_allclose(fast, reference, rtol=1e-11, atol=1e-11, err_msg=name)
+    # State 1 is 1000 nats likelier than the others at one step: their entries
+    # underflow there in probability space (log_gamma would be -inf, not -1000).
+    log_emission[0, 150] = [-1000.0, 0.0, -1000.0]
+    *_, exact = jax_impl._forward_backward_scaled(log_emission, log_transition, log_initial)
+    assert not bool(exact)

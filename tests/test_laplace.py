@@ -1,4 +1,4 @@
-"""The Laplace approximation at EM's mode (``pm_em.laplace``).
+"""The Laplace approximation at EM's mode (``pm_em.results.laplace``).
 
 Checked against: finite differences of ``EM.logp`` (the Hessian, autodiff and the
 finite-difference fallback of Markov chains), PyMC's own log-Jacobian (model logp with

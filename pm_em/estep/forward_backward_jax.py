@@ -52,6 +52,10 @@ __all__ = [
 #: ``None``: never. The CPU always runs the sequential form (fewer operations).
 PARALLEL_MIN_STEPS: int | None = 4096
 
+#: Probability-space sums at least this large are exact to rounding (the C Op's
+#: ``PMEM_HMM_FAST_MIN``): the terms lost to underflow are each below ``~1e-308``.
+_FAST_MIN = 1e-200
+
 
 def _logsumexp(x, axis):
     """Max-shifted log-sum-exp along ``axis``; ``-inf`` (never NaN) when every entry is
@@ -109,10 +113,110 @@ def _forward(log_emission, log_transition, log_initial):
 
 def forward_backward_sequential(log_emission, log_transition, log_initial):
     """``(log_gamma, transition_counts, log_likelihood)`` by ``lax.scan`` (see
-    :func:`pm_em.estep.forward_backward.forward_backward`)."""
+    :func:`pm_em.estep.forward_backward.forward_backward`): in probability space when that is
+    exact to rounding (:func:`_forward_backward_scaled`), else in log space."""
     invalid, log_emission, log_transition, log_initial = _checked(
         log_emission, log_transition, log_initial
     )
+    *scaled, exact = _forward_backward_scaled(log_emission, log_transition, log_initial)
+    outputs = jax.lax.cond(
+        exact,
+        lambda: tuple(scaled),
+        lambda: _forward_backward_log(log_emission, log_transition, log_initial),
+    )
+    return _conventions(invalid, *outputs)
+
+
+def forward_backward_log_space(log_emission, log_transition, log_initial):
+    """:func:`forward_backward_sequential` in log space throughout (the reference of
+    the probability-space form, and its fallback)."""
+    invalid, log_emission, log_transition, log_initial = _checked(
+        log_emission, log_transition, log_initial
+    )
+    return _conventions(invalid, *_forward_backward_log(log_emission, log_transition, log_initial))
+
+
+def _forward_backward_scaled(log_emission, log_transition, log_initial):
+    """Forward-backward in probability space, with a flag saying whether that was exact.
+
+    Why. A log-space step costs ``K**2`` exponentials and a few reductions, and
+    ``lax.scan`` pays for each operation at every step: at ``T = 100_000`` that made
+    the E-step several times slower than the C Op. Here each step is a ``K x K``
+    matrix-vector product, a sum and a division; the exponentials and logarithms are
+    taken once over whole arrays, outside the scans.
+
+    How (Rabiner's scaling). Each step's emissions are divided by their largest
+    (``e_t = exp(log e_t - max)``) and the transitions by their largest entry, and the
+    forward messages are normalized at every step, ``p_t = a_t / c_t`` with
+    ``a_t = (p_{t-1} P) * e_t`` and ``c_t = sum(a_t)``: nothing grows with ``T``, and
+    ``log p(y)`` is the sum of the ``log c_t`` and of the shifts. The backward messages
+    are divided by their largest entry at every step. Logarithms are few (one per
+    step and state, for ``log_gamma``): XLA's float64 ``log`` and ``exp`` are what
+    costs most once the steps are cheap.
+
+    When it is exact. Every unnormalized entry (``a_t[k]``, the backward message
+    before its division, and the product of the two messages) at least
+    ``_FAST_MIN = 1e-200``: the terms that underflowed into it (each below ``~1e-308``)
+    are then lost to rounding, as in the C Op's own probability-space dot products,
+    and every ``log_gamma`` is as accurate as in log space. Otherwise (a state
+    ``1e-200`` times less probable than another at some step, a zero probability,
+    impossible data) the flag is False and the log-space recursion computes the
+    result instead (:func:`jax.lax.cond` runs one of the two): exact, only slower.
+    """
+    fast_min = _FAST_MIN
+    shift = _finite_or_zero(jnp.max(log_emission, axis=2))  # (B, T)
+    emission = jnp.exp(jnp.moveaxis(log_emission - shift[:, :, None], 1, 0))  # (T, B, K)
+    transition_shift = _finite_or_zero(jnp.max(log_transition, axis=(1, 2)))  # (B,)
+    transition = jnp.exp(log_transition - transition_shift[:, None, None])
+    initial_shift = _finite_or_zero(jnp.max(log_initial, axis=1))
+    first = jnp.exp(log_initial - initial_shift[:, None]) * emission[0]
+    first_norm = first.sum(axis=1)
+
+    def forward(prev, emit):
+        unnormalized = jnp.einsum("bj,bjk->bk", prev, transition) * emit
+        norm = unnormalized.sum(axis=1)
+        filtered = unnormalized / norm[:, None]
+        return filtered, (filtered, norm)
+
+    first_filter = first / first_norm[:, None]
+    _, (filtered, norm) = jax.lax.scan(forward, first_filter, emission[1:])
+    filtered = jnp.concatenate([first_filter[None], filtered])  # (T, B, K)
+    norm = jnp.concatenate([first_norm[None], norm])  # (T, B)
+
+    def backward(following, emit):
+        unnormalized = jnp.einsum("bjk,bk->bj", transition, emit * following)
+        top = unnormalized.max(axis=1)
+        message = unnormalized / top[:, None]
+        return message, (message, top)
+
+    last = jnp.ones_like(first)
+    _, (beta, top) = jax.lax.scan(backward, last, emission[1:], reverse=True)
+    beta = jnp.concatenate([beta, last[None]])  # (T, B, K)
+
+    posterior = filtered * beta  # (T, B, K), unnormalized
+    exact = (
+        jnp.all(filtered * norm[:, :, None] >= fast_min)
+        & jnp.all(beta[:-1] * top[:, :, None] >= fast_min)
+        & jnp.all(posterior >= fast_min)
+    )
+    n_steps = log_emission.shape[1]
+    log_likelihood = (
+        jnp.log(norm).sum(axis=0)
+        + shift.sum(axis=1)
+        + initial_shift
+        + (n_steps - 1) * transition_shift
+    )
+    log_gamma = jnp.log(posterior / posterior.sum(axis=2, keepdims=True))
+    # xi_t(j, k) = p_{t-1}(j) P[j, k] e_t(k) b_t(k) / Z_t, with
+    # Z_t = sum_k a_t(k) b_t(k): one product over all steps, as in Baum-Welch.
+    ahead = emission[1:] * beta[1:]
+    ahead = ahead / posterior[1:].sum(axis=2, keepdims=True) / norm[1:, :, None]
+    counts = jnp.einsum("tbj,tbk->bjk", filtered[:-1], ahead) * transition
+    return jnp.moveaxis(log_gamma, 0, 1), counts, log_likelihood, exact
+
+
+def _forward_backward_log(log_emission, log_transition, log_initial):
+    """Log-space forward-backward of checked inputs, before :func:`_conventions`."""
     log_pred, log_filter, log_norm = _forward(log_emission, log_transition, log_initial)
     log_likelihood = log_norm.sum(axis=0)
     emission = jnp.moveaxis(log_emission, 1, 0)
@@ -137,7 +241,7 @@ def forward_backward_sequential(log_emission, log_transition, log_initial):
     )
     first_gamma, _ = _normalize(log_filter[0] + log_beta)
     log_gamma = jnp.moveaxis(jnp.concatenate([first_gamma[None], log_gamma]), 0, 1)
-    return _conventions(invalid, log_gamma, counts, log_likelihood)
+    return log_gamma, counts, log_likelihood
 
 
 def _conventions(invalid, log_gamma, counts, log_likelihood):

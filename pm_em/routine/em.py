@@ -58,9 +58,9 @@ class EM:
     compile_kwargs : dict, optional
         Passed to :func:`pytensor.function`.
     backend : {"c", "jax"}, optional
-        What compiles the routine: ``"c"`` (the default: PyTensor's C backend, cached
-        on disk) or ``"jax"`` (JAX/XLA, seconds for a new model). ``PM_EM_BACKEND``
-        in the environment sets the default.
+        What compiles the routine: ``"jax"`` (the default: JAX/XLA, seconds for a new
+        model) or ``"c"`` (PyTensor's C backend, cached on disk; the default when JAX
+        cannot be imported). ``PM_EM_BACKEND`` in the environment sets the default.
     closed_form : bool, default True
         Update in closed form every parameter whose pattern is recognized (see
         :attr:`closed_form_params`); False sends all to the numeric M-step (slower,
