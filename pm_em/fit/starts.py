@@ -180,9 +180,12 @@ def start_points(em, init="auto", n_init: int = 1, random_seed=None, fixed=()) -
     """
     strategy = resolve_init(init, em)
     seeds = _get_seeds_per_chain(random_seed, n_init)
-    targets = kmeans_targets(em) if strategy == "kmeans" else []
     fixed_values = _usable_values(em, fixed) if isinstance(fixed, Mapping) else {}
     fixed_names = set(fixed)
+    # With every parameter given, the data-driven start would be overwritten whole:
+    # not derived (its k-means targets and label M-step compile functions of their own).
+    everything_given = {p.name for p in em.params} <= fixed_names
+    targets = kmeans_targets(em) if strategy == "kmeans" and not everything_given else []
     starts = []
     for seed in seeds:
         rng = np.random.default_rng(seed)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 from pytensor.graph.traversal import ancestors
 
-from pm_em.compile import compile_function, resolve_backend
+from pm_em.compile import compile_function, compile_small, resolve_backend
 from pm_em.diagnostics import model_or_context
 from pm_em.estep.pointwise import direct_pointwise, pointwise_graphs, pointwise_loglik
 from pm_em.model.analysis import analyze_model
@@ -175,10 +175,10 @@ class Routine:
             )
         self._closed_form_fn = None
         self._stats_fn = None
-        self._constrained_fn = compile_function(
+        self._constrained_fn = compile_small(
             graphs.values, graphs.constrained, compile_kwargs, self.backend
         )
-        self._unconstrained_fn = compile_function(
+        self._unconstrained_fn = compile_small(
             graphs.constrained_inputs, graphs.unconstrained, compile_kwargs, self.backend
         )
         #: Passed to every :func:`pytensor.function` of the routine.
