@@ -235,6 +235,20 @@ def poisson_lognormal(data):
     return model
 
 
+def sparse_transitions(data):
+    """The HMM with transition rows under Dirichlet(0.8) (below 1: no closed form):
+    the numeric block on the chunk's expected transition counts."""
+    pmx = pytest.importorskip("pymc_extras")
+    with pm.Model() as model:
+        P = pm.Dirichlet("P", a=np.full((2, 2), 0.8))
+        pi = pm.Dirichlet("pi", a=np.ones(2))
+        mu = pm.Normal("mu", 0.0, 10.0, shape=2)
+        sigma = pm.HalfNormal("sigma", 5.0, shape=2)
+        s = pmx.DiscreteMarkovChain("s", P=P, init_dist=pm.Categorical.dist(p=pi), shape=data.shape)
+        pm.Normal("x", mu=mu[s], sigma=sigma[s], observed=data)
+    return model
+
+
 POISSON = np.where(RNG.random(400) < 0.4, RNG.poisson(1.0, 400), RNG.poisson(6.0, 400))
 NUMERIC_CASES = {
     "gamma_scales": (
@@ -249,8 +263,15 @@ NUMERIC_CASES = {
         150,
         {"w": np.array([0.5, 0.5]), "rate": np.array([0.5, 3.0])},
     ),
+    "sparse_transitions": (sparse_transitions, *CASES["hmm"][1:]),
 }
 CASES.update(NUMERIC_CASES)
+# Per case: the numeric parameters, and the terms of their objective on statistics.
+NUMERIC_BLOCKS = {
+    "gamma_scales": ({"sigma"}, ["x"]),
+    "poisson_lognormal": ({"rate"}, ["x"]),
+    "sparse_transitions": ({"P"}, []),
+}
 
 
 @pytest.mark.parametrize("case", list(NUMERIC_CASES), ids=list(NUMERIC_CASES))
@@ -258,10 +279,11 @@ def test_numeric_m_step_in_chunks_matches_in_memory_fit(case, in_memory):
     build, data, length, _ = CASES[case]
     em = pm_em.EM(build(data[:length]))
     numeric = {p.name for p in em.params} - set(em.closed_form_params)
-    assert numeric == {"sigma" if case == "gamma_scales" else "rate"}
+    params, on_statistics = NUMERIC_BLOCKS[case]
+    assert numeric == params
     # In memory the Poisson term is on counts per distinct value, in chunks a sum
     # over entries: equal sums in another order (measured agreement about 2e-15).
-    assert em.routine.graphs.numeric.on_statistics == ["x"]
+    assert em.routine.graphs.numeric.on_statistics == on_statistics
     chunked = fit_in_chunks(case)
     assert_same_fit(chunked, in_memory[case])
 

@@ -269,8 +269,9 @@ def fit_chunked(
     Declare the model on one chunk of the data (the first ``m`` rows, same dims):
     its length is the chunk length. Pass the full data in ``data``. Each iteration
     computes, chunk by chunk, the sums over observations the closed-form M-step
-    needs (:mod:`pm_em.chunks.plan`), and the M-step runs on their totals. Called
-    by :func:`pm_em.find_MAP` when it is given ``data``.
+    needs (:mod:`pm_em.chunks.plan`), and the M-step runs on their totals; a
+    numeric block's ``Q`` and gradient are sums over the chunks too, one pass per
+    evaluation. Called by :func:`pm_em.find_MAP` when it is given ``data``.
 
     Parameters
     ----------
