@@ -20,7 +20,7 @@ distributed = pytest.importorskip("distributed")
 @pytest.fixture(scope="module")
 def client():
     cluster = distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, dashboard_address=None, processes=True
+        n_workers=2, threads_per_worker=1, dashboard_address=":0", processes=True
     )
     client = distributed.Client(cluster)
     yield client
@@ -46,6 +46,16 @@ def test_cluster_fit_matches_in_memory_fit(client, reference, mapped):
         build(data[:length]), data={"x": mapped}, initvals=start, client=client, progressbar=False
     )
     assert_same_fit(fit, reference)
+
+
+def test_cluster_fit_with_a_numeric_m_step_matches_in_memory_fit(client):
+    """The numeric block's Q and gradient summed over the workers' chunks (each
+    evaluation a call to every worker) gives the in-memory fit."""
+    build, data, length, start = CASES["gamma_scales"]
+    fit = fit_chunked(
+        build(data[:length]), data={"x": data}, initvals=start, client=client, progressbar=False
+    )
+    assert_same_fit(fit, fit_in_memory("gamma_scales"))
 
 
 class KillOneWorker:

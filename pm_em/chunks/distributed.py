@@ -43,7 +43,9 @@ class ChunkWorker:
     def load(self, indices, loaders) -> int:
         """Read the chunks ``indices`` (``loaders[i]``: one recipe per input)."""
         for index, chunk_loaders in zip(indices, loaders):
-            arrays = [loader.load() for loader in chunk_loaders]
+            # Rows shipped in a message (an in-memory array's slice) can be
+            # unaligned views of its buffer, which PyTensor's C code refuses.
+            arrays = [np.require(loader.load(), requirements="A") for loader in chunk_loaders]
             for name, rows, loader in zip(self.kernel.names, arrays, chunk_loaders):
                 check_rows(name, rows, loader.start)
             self.chunks[index] = arrays

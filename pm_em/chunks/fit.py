@@ -4,7 +4,11 @@ The model is declared on one chunk of the data (``m`` rows, the same dims as the
 full data); the fit is given the full data. Each iteration passes over the chunks
 once per level of statistics (one pass for weights, means and counts; a second one
 for a scale, whose residuals use the means just updated, as the in-memory ECM
-M-step does), then runs the closed-form M-step on the totals. The iterates are the
+M-step does), then runs the closed-form M-step on the totals. A numeric block then
+maximizes ``Q`` by L-BFGS-B and Newton polishing (:mod:`pm_em.routine.optimize`)
+given the closed-form parameters' new values, as in memory: each evaluation of
+``Q`` and its gradient is one more pass over the chunks (the responsibilities
+recomputed there at the E-step point) plus the priors once. The iterates are the
 in-memory fit's (plain EM steps, ``accelerate=None``) up to the rounding of sums
 taken in another order.
 """
@@ -22,13 +26,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pm_em.chunks.distributed import DaskExecutor, WorkersLostError
 from pm_em.chunks.executor import LocalExecutor
-from pm_em.chunks.kernel import ChunkKernel, MStep, check_additive
+from pm_em.chunks.kernel import NUMERIC, ChunkKernel, MStep, check_additive
 from pm_em.chunks.plan import plan_chunks
 from pm_em.chunks.sources import DataSource
 from pm_em.errors import EMConvergenceWarning
 from pm_em.fit.loop import EMHistory, has_converged
 from pm_em.fit.starts import start_points
+from pm_em.mstep.inputs import join_flat, split_flat
 from pm_em.routine.em import cached_routine
+from pm_em.routine.optimize import minimize_negative_q
 
 __all__ = ["ChunkedEM", "fit_chunked"]
 
@@ -98,7 +104,34 @@ class ChunkedEM:
         totals = list(first_totals)
         for level in range(1, self.n_levels):
             totals.append(self.executor.level(level, values, totals, progress))
-        return self.mstep(values, totals)
+        new = self.mstep(values, totals)
+        if self.plan.numeric_params:
+            new = self._numeric_step(values, new)
+        return new
+
+    def _numeric_step(self, values, new):
+        """The numeric block given the closed-form parameters' ``new`` values, with
+        the responsibilities at ``values`` (:meth:`pm_em.routine.compiled.Routine.m_step`
+        over chunks)."""
+        numeric, index = self.plan.numeric_params, self.plan.numeric_index
+        start = join_flat(numeric, {p.value.name: new[i] for p, i in zip(numeric, index)})
+        # The in-memory scale: Q per observation of the full data.
+        scale = 1.0 / self.n_observations
+
+        def negative(theta):
+            point = [theta, *new, *values]
+            q_chunks, grad_chunks = self.executor.level(NUMERIC, point, [])
+            q_once, grad_once = self.mstep.global_q(theta, new)
+            return -scale * (q_once + float(q_chunks)), -scale * (grad_once + grad_chunks)
+
+        theta = minimize_negative_q(negative, start)
+        if theta is None:
+            return new
+        new = list(new)
+        solved = split_flat(numeric, theta)
+        for p, i in zip(numeric, index):
+            new[i] = solved[p.value.name]
+        return new
 
     def run(self, values, *, tol, max_iter, progress=None):
         """Plain EM steps from ``values`` to convergence (the in-memory loop's
@@ -236,8 +269,9 @@ def fit_chunked(
     Declare the model on one chunk of the data (the first ``m`` rows, same dims):
     its length is the chunk length. Pass the full data in ``data``. Each iteration
     computes, chunk by chunk, the sums over observations the closed-form M-step
-    needs (:mod:`pm_em.chunks.plan`), and the M-step runs on their totals. Called
-    by :func:`pm_em.find_MAP` when it is given ``data``.
+    needs (:mod:`pm_em.chunks.plan`), and the M-step runs on their totals; a
+    numeric block's ``Q`` and gradient are sums over the chunks too, one pass per
+    evaluation. Called by :func:`pm_em.find_MAP` when it is given ``data``.
 
     Parameters
     ----------
@@ -273,8 +307,7 @@ def fit_chunked(
     ------
     UnsupportedModelError
         When the fit cannot be split over chunks exactly (a global latent, a Markov
-        chain, a parameter without closed-form M-step, a per-row input not in
-        ``data``); the message names the variable.
+        chain, a per-row input not in ``data``); the message names the variable.
 
     Examples
     --------

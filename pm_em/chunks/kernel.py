@@ -8,11 +8,16 @@ its own copy once and keeps it (the compiled functions never travel).
 from __future__ import annotations
 
 import numpy as np
+from pymc.logprob.utils import ParameterValueError
 
 from pm_em.compile import compile_function
 from pm_em.errors import UnsupportedModelError
 
-__all__ = ["ChunkKernel", "MStep", "check_additive"]
+__all__ = ["NUMERIC", "ChunkKernel", "MStep", "check_additive"]
+
+#: The "level" of the numeric M-step's Q and gradient: ``values`` is then
+#: ``[theta, *new values, *E-step values]`` and there are no totals.
+NUMERIC = "numeric"
 
 
 class ChunkKernel:
@@ -34,6 +39,10 @@ class ChunkKernel:
         self._totals = plan.totals
         self._outputs = [[plan.chunk_logp, *plan.levels[0]] if plan.levels else [plan.chunk_logp]]
         self._outputs += [list(stats) for stats in plan.levels[1:]]
+        self._numeric = (
+            [plan.theta, *plan.values, *plan.estep_values, *plan.chunk_inputs],
+            list(plan.chunk_q),
+        )
         self._compile = (compile_kwargs, backend)
         self._fns = {}
 
@@ -48,7 +57,9 @@ class ChunkKernel:
 
     def _fn(self, level: int):
         fn = self._fns.get(level)
-        if fn is None:
+        if fn is None and level == NUMERIC:
+            fn = self._fns[level] = compile_function(*self._numeric, *self._compile)
+        elif fn is None:
             earlier = [t for totals in self._totals[:level] for t in totals]
             fn = compile_function([*self._inputs, *earlier], self._outputs[level], *self._compile)
             self._fns[level] = fn
@@ -63,9 +74,21 @@ class ChunkKernel:
         statistic is a sum of per-row terms, so ``f(padded) - (m - r) / m *
         f(m copies of the last row)`` is the short chunk's own sum, with the one
         compiled routine (no second compilation for the remainder).
+
+        At level :data:`NUMERIC`: ``[Q, dQ/dtheta]`` of the chunk, ``[-inf, nan]``
+        where the model refuses ``theta`` (a point of zero density).
         """
+        if level == NUMERIC:
+            try:
+                return self._sums(level, values, arrays, totals)
+            except ParameterValueError:
+                return [np.array(-np.inf), np.full(np.shape(values[0]), np.nan)]
+        return self._sums(level, values, arrays, totals)
+
+    def _sums(self, level, values, arrays, totals) -> list[np.ndarray]:
         fn = self._fn(level)
-        flat_totals = [t for level_totals in totals[:level] for t in level_totals]
+        # Only the levels before ``level`` are passed (none for the numeric block).
+        flat_totals = [t for level_totals in totals for t in level_totals]
         rows = len(arrays[0])
         m = self.chunk_length
         if rows == m:
@@ -110,11 +133,17 @@ def check_additive(kernel, values, arrays, rtol: float = 1e-7) -> None:
 
 
 class MStep:
-    """The once-only part of an iteration: the priors' log-density and the
-    closed-form M-step from the chunk totals."""
+    """The once-only part of an iteration: the priors' log-density, the
+    closed-form M-step from the chunk totals, and the numeric block's terms counted
+    once."""
 
     def __init__(self, plan, compile_kwargs=None, backend="c"):
         self.closed_index = plan.closed_index
+        self._global_q = None
+        if plan.numeric_params:
+            self._global_q = compile_function(
+                [plan.theta, *plan.values], plan.global_q, compile_kwargs, backend
+            )
         self._global_logp = compile_function(
             plan.values, [plan.global_logp], compile_kwargs, backend
         )
@@ -125,6 +154,11 @@ class MStep:
 
     def global_logp(self, values) -> float:
         return float(self._global_logp(*values)[0])
+
+    def global_q(self, theta, values) -> tuple[float, np.ndarray]:
+        """The numeric block's ``Q`` and gradient from the terms read once (priors)."""
+        q, grad = self._global_q(theta, *values)
+        return float(q), np.asarray(grad, dtype=float)
 
     def __call__(self, values, totals) -> list[np.ndarray]:
         """The next values: the closed-form parameters updated, the rest kept."""

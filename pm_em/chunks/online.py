@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from pm_em.chunks.executor import chunk_ranges
+from pm_em.errors import UnsupportedModelError
 
 __all__ = ["stepwise_em"]
 
@@ -45,6 +46,14 @@ def stepwise_em(routine, values, *, n_epochs: int = 1, decay: float = 0.6, progr
         raise ValueError(f"decay must be in (0.5, 1], got {decay!r}.")
     if n_epochs < 1:
         raise ValueError(f"n_epochs must be at least 1, got {n_epochs!r}.")
+    numeric = [p.name for p in routine.plan.numeric_params]
+    if numeric:
+        # Their Q is not a function of running statistics: it needs every chunk's
+        # responsibilities at one point, which a stream never has.
+        raise UnsupportedModelError(
+            f"Parameters {numeric} have no closed-form M-step: stepwise (online) EM "
+            "updates closed-form parameters only. Fit in chunks without online=."
+        )
     kernel, mstep = routine.kernel, routine.mstep
     n_rows = routine.n_rows
     ranges = chunk_ranges(n_rows, kernel.chunk_length)

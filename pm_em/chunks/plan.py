@@ -8,7 +8,14 @@ additive statistics (:mod:`pm_em.chunks.statistic`):
   squared residuals read the location just updated from level 0's totals), and at
   level 0 also the chunk's log-likelihood;
 * once: the closed-form M-step from the totals, and the prior terms of the
-  log-posterior.
+  log-posterior;
+* the numeric M-step's ``Q`` and its gradient in the numeric parameters, split the
+  same way: per chunk, the expected complete-data terms with the chunk's
+  responsibilities recomputed at the E-step point (a copy of the value variables,
+  :attr:`ChunkPlan.estep_values`) on every evaluation; once, the terms that read no
+  chunked data (the numeric parameters' priors). Discrete data is kept as a sum
+  over entries (no counts per distinct value, which would index the declared
+  chunk's values).
 
 The cut is checked, not assumed: the once-only graphs may not read the data (or a
 constant shaped like it) but through a marked sum, every latent must be one element
@@ -22,6 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import pytensor
 import pytensor.tensor as pt
 from pytensor.compile.sharedvalue import SharedVariable
 from pytensor.graph.basic import Constant, Variable
@@ -30,6 +38,9 @@ from pytensor.graph.traversal import ancestors
 
 from pm_em.chunks.statistic import additive_statistics
 from pm_em.errors import UnsupportedModelError
+from pm_em.model.analysis import ParamSpec
+from pm_em.mstep.inputs import flatten_params
+from pm_em.mstep.objective import build_numeric_objective
 
 __all__ = ["ChunkPlan", "plan_chunks"]
 
@@ -64,6 +75,20 @@ class ChunkPlan:
         Position in ``values`` of each closed-form parameter.
     rows_observed : int
         Observed entries per chunked row (for the per-observation tolerance).
+    numeric_params : list of ParamSpec
+        The parameters of the numeric M-step (none: closed form only)...
+    numeric_index : list of int
+        ...their positions in ``values``.
+    theta : Variable or None
+        The numeric parameters' flat vector (input of the graphs below).
+    estep_values : list of Variable
+        Copies of ``values``: the E-step point the responsibilities are taken at.
+    chunk_q : list of Variable
+        ``[Q, dQ/dtheta]`` of one chunk: inputs ``theta``, ``values`` (the
+        closed-form parameters at their new values), ``estep_values`` and the chunk
+        inputs.
+    global_q : list of Variable
+        ``[Q, dQ/dtheta]`` of the terms counted once: inputs ``theta``, ``values``.
     """
 
     names: list[str]
@@ -77,6 +102,12 @@ class ChunkPlan:
     closed_step: list[Variable]
     closed_index: list[int]
     rows_observed: int
+    numeric_params: list[ParamSpec]
+    numeric_index: list[int]
+    theta: Variable | None
+    estep_values: list[Variable]
+    chunk_q: list[Variable]
+    global_q: list[Variable]
 
 
 def _data_leaf(model, name: str) -> Variable:
@@ -162,9 +193,10 @@ def plan_chunks(em, names: list[str]) -> ChunkPlan:
     ------
     UnsupportedModelError
         When the fit cannot be split exactly over chunks of rows: a latent that is
-        not one element per row (a global one, a Markov chain), a parameter of the
-        numeric M-step, a per-row input of the model not in ``names``, or a
-        closed-form update reading the data outside a marked sum.
+        not one element per row (a global one, a Markov chain), a per-row input of
+        the model not in ``names``, a closed-form update reading the data outside
+        a marked sum, or a numeric M-step whose objective reads per-row data that
+        is not chunked.
     """
     structure, graphs, model = em.structure, em.graphs, em.model
     if not names:
@@ -208,13 +240,6 @@ def plan_chunks(em, names: list[str]) -> ChunkPlan:
             f"The model reads {_describe(missed[0])} with one row per observation, which is "
             f"not chunked: pass its full data in data= (as a pm.Data container), or the "
             f"fit would reuse the first chunk's. Chunked inputs: {names}."
-        )
-
-    if graphs.numeric_params:
-        raise UnsupportedModelError(
-            f"Parameters {[p.name for p in graphs.numeric_params]} have no closed-form "
-            "M-step: chunked fits support closed-form M-steps only. Use find_MAP on the "
-            "data in memory."
         )
 
     placeholders = {
@@ -268,6 +293,7 @@ def plan_chunks(em, names: list[str]) -> ChunkPlan:
             "totals. Use find_MAP on the data in memory."
         )
     names_order = [p.name for p in em.params]
+    theta, estep_values, chunk_q, global_q = _numeric_block(em, known, placeholders, length)
     return ChunkPlan(
         names=list(names),
         chunk_inputs=[placeholders[leaves[name]] for name in names],
@@ -280,4 +306,68 @@ def plan_chunks(em, names: list[str]) -> ChunkPlan:
         closed_step=closed_step,
         closed_index=[names_order.index(p.name) for p in graphs.closed_params],
         rows_observed=rows_observed,
+        numeric_params=list(graphs.numeric_params),
+        numeric_index=[names_order.index(p.name) for p in graphs.numeric_params],
+        theta=theta,
+        estep_values=estep_values,
+        chunk_q=chunk_q,
+        global_q=global_q,
     )
+
+
+def _numeric_block(em, known: set, placeholders: dict, length: int):
+    """The numeric M-step's ``Q`` and gradient split into a chunk's part and the
+    part counted once (see the module docstring); ``(None, [], [], [])`` without
+    numeric parameters."""
+    structure, graphs = em.structure, em.graphs
+    numeric = graphs.numeric_params
+    if not numeric:
+        return None, [], [], []
+    numeric_values = {p.value for p in numeric}
+    once = [
+        t
+        for t in structure.latent_free_terms
+        if not known & set(ancestors([t.logp])) and numeric_values & set(ancestors([t.logp]))
+    ]
+    objective = build_numeric_objective(
+        structure,
+        graphs.tables,
+        graphs.responsibilities,
+        numeric,
+        compress_values=False,
+        leave_out=frozenset(t.name for t in once),
+    )
+    # The responsibilities (and the statistics taken from them) at the E-step's
+    # point, a copy of the value variables: the objective reads the closed-form
+    # parameters at their new values through the value variables themselves.
+    fused = {}
+    for c, post in enumerate(graphs.posteriors):
+        fused[graphs.responsibilities.log_q_global[c]] = post.log_q_global
+        for placeholder, log_w in zip(graphs.responsibilities.log_w_groups[c], post.log_w_groups):
+            fused[placeholder] = log_w
+        if post.transition_counts is not None:
+            fused[graphs.responsibilities.transition_counts[c]] = post.transition_counts
+    stats = _substituted(objective.stats, fused)
+    estep_values = [v.type(f"{v.name}_estep") for v in graphs.values]
+    at_estep = dict(zip(graphs.values, estep_values))
+    inputs = [*fused, *objective.stat_inputs]
+    estep_graphs = _substituted([*fused.values(), *stats], at_estep)
+    (chunk,) = _substituted([objective.objective], dict(zip(inputs, estep_graphs)))
+    once_q = sum((t.logp.sum() for t in once), pt.constant(0.0))
+    theta, (chunk, once_q) = flatten_params(numeric, [chunk, once_q])
+    (chunk,) = _substituted([chunk], placeholders)
+    leaked = _row_constants([chunk, once_q], length, set()) + [
+        v for v in ancestors([once_q]) if v in known
+    ]
+    if leaked:
+        raise UnsupportedModelError(
+            f"The numeric M-step of {[p.name for p in numeric]} reads {_describe(leaked[0])} "
+            "(one value per row) that is not chunked: its objective cannot be summed over "
+            "chunks. Pass that data in data= (as a pm.Data container), or use find_MAP on "
+            "the data in memory."
+        )
+    grads = (
+        pytensor.grad(chunk, theta, disconnected_inputs="ignore", return_disconnected="zero"),
+        pytensor.grad(once_q, theta, disconnected_inputs="ignore", return_disconnected="zero"),
+    )
+    return theta, estep_values, [chunk, grads[0]], [once_q, grads[1]]

@@ -78,8 +78,17 @@ def build_numeric_objective(
     tables: list[ComponentTables],
     responsibilities: ResponsibilityInputs,
     numeric_params: list[ParamSpec],
+    *,
+    compress_values: bool = True,
+    leave_out: frozenset = frozenset(),
 ) -> NumericObjective:
-    """Build the numeric M-step's objective (see the module docstring)."""
+    """Build the numeric M-step's objective (see the module docstring).
+
+    ``compress_values=False`` keeps discrete data as ``sum R * logp`` over its
+    entries instead of counts per distinct value (whose index into the values is a
+    constant of this data: a chunked fit needs the sum over entries). The latent-free
+    terms named in ``leave_out`` are left out (a chunked fit counts them once).
+    """
     result = NumericObjective(objective=pt.constant(0.0, dtype="float64"))
     if not numeric_params:
         return result
@@ -91,7 +100,7 @@ def build_numeric_objective(
     ctx = ClosedFormContext(structure, responsibilities)
     total = pt.constant(0.0, dtype="float64")
     for term in structure.latent_free_terms:
-        if involved(term):
+        if involved(term) and term.name not in leave_out:
             total = total + term.logp.sum()
     for c, comp in enumerate(structure.components):
         if comp.chain is not None and involved(comp.chain_term):
@@ -108,7 +117,7 @@ def build_numeric_objective(
             continue
         per_term = _per_term_tables(comp, tables[c])
         for name, term_entries in entries.items():
-            reduced = _on_statistics(ctx, term_entries, result)
+            reduced = _on_statistics(ctx, term_entries, result, compress_values)
             if reduced is not None:
                 total = total + reduced
                 result.on_statistics.append(name)
@@ -142,7 +151,9 @@ def _weighted_sum(weights: Variable, table: Variable) -> Variable:
 # -- a term on statistics ------------------------------------------------------------
 
 
-def _on_statistics(ctx: ClosedFormContext, entries: TermEntries, result: NumericObjective):
+def _on_statistics(
+    ctx: ClosedFormContext, entries: TermEntries, result: NumericObjective, compress_values=True
+):
     """The term's expected log-probability on statistics, or None."""
     rv = entries.rv
     if rv.owner is None or not isinstance(rv.owner.op, RandomVariable):
@@ -160,6 +171,8 @@ def _on_statistics(ctx: ClosedFormContext, entries: TermEntries, result: Numeric
         return None
     if isinstance(rv.owner.op, NormalRV):
         return _normal_on_statistics(ctx, entries, columns, varying, result)
+    if not compress_values:
+        return None
     return _discrete_on_statistics(ctx, entries, columns, varying, result)
 
 
