@@ -192,11 +192,19 @@ def in_memory():
 def assert_same_fit(chunked, reference, atol=1e-10):
     assert int(chunked.em_stats.n_iter) == int(reference.em_stats.n_iter)
     assert bool(chunked.em_stats.converged)
-    for name in reference.posterior.data_vars:
-        if name in chunked.posterior:
-            np.testing.assert_allclose(
-                chunked.posterior[name].values, reference.posterior[name].values, atol=atol
+    # Every parameter, with the in-memory result's dims and coords (the per-row
+    # groups, labels and responsibilities, are not built in chunks).
+    params = list(chunked.posterior.data_vars)
+    assert params and set(params) <= set(reference.posterior.data_vars)
+    for name in params:
+        assert chunked.posterior[name].dims == reference.posterior[name].dims
+        for dim in chunked.posterior[name].dims[2:]:
+            np.testing.assert_array_equal(
+                chunked.posterior[dim].values, reference.posterior[dim].values
             )
+        np.testing.assert_allclose(
+            chunked.posterior[name].values, reference.posterior[name].values, atol=atol
+        )
     np.testing.assert_allclose(
         chunked.em_stats.logp.values, reference.em_stats.logp.values, rtol=1e-12
     )

@@ -20,8 +20,6 @@ from contextlib import nullcontext
 
 import arviz as az
 import numpy as np
-import pymc as pm
-import xarray as xr
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pm_em.chunks.distributed import DaskExecutor, WorkersLostError
@@ -33,6 +31,7 @@ from pm_em.errors import EMConvergenceWarning
 from pm_em.fit.loop import EMHistory, has_converged
 from pm_em.fit.starts import start_points
 from pm_em.mstep.inputs import join_flat, split_flat
+from pm_em.results.inference_data import build_chunked_inference_data
 from pm_em.routine.em import cached_routine
 from pm_em.routine.optimize import minimize_negative_q
 
@@ -235,20 +234,6 @@ def _progress_bar(per_iteration: int):
     return bar, _ChunkProgress(bar, task, per_iteration)
 
 
-def _posterior(em, point: dict) -> xr.Dataset:
-    model = em.model
-    dims = {name: list(model.named_vars_to_dims.get(name, ())) or None for name in point}
-    coords = {
-        dim: np.asarray(model.coords[dim])
-        for name in point
-        for dim in (dims[name] or [])
-        if model.coords.get(dim) is not None
-    }
-    dims = {name: d for name, d in dims.items() if d}
-    data = {name: np.asarray(v)[None, None] for name, v in point.items()}
-    return az.dict_to_dataset(data, library=pm, coords=coords, dims=dims)
-
-
 def fit_chunked(
     model=None,
     *,
@@ -346,28 +331,14 @@ def fit_chunked(
     finals = [logp if history.stopped is None else -np.inf for _, logp, history in runs]
     best = int(np.argmax(finals)) if np.isfinite(max(finals)) else len(runs) - 1
     values, logp, history = runs[best]
-    length = max(len(h.logp) for _, _, h in runs)
-    restart_logp = np.full((len(runs), length), np.nan)
-    for r, (_, _, h) in enumerate(runs):
-        restart_logp[r, : len(h.logp)] = h.logp
-    stats = xr.Dataset(
-        {
-            "logp": ("iteration", np.asarray(history.logp)),
-            "n_iter": history.n_iter,
-            "n_e_steps": history.n_e_steps,
-            "converged": history.converged,
-            "restart_logp": (("restart", "restart_iteration"), restart_logp),
-            "restart_converged": ("restart", [h.converged for _, _, h in runs]),
-        },
-        coords={
-            "iteration": np.arange(len(history.logp)),
-            "restart": np.arange(len(runs)),
-            "restart_iteration": np.arange(length),
-        },
-        attrs={
-            "tol": tol,
-            "max_iter": max_iter,
-            "best_restart": best,
+    return build_chunked_inference_data(
+        em,
+        em.to_point(values),
+        [history for _, _, history in runs],
+        best,
+        tol=tol,
+        max_iter=max_iter,
+        options={
             "stopped": history.stopped or "",
             "n_observations": routine.n_observations,
             "n_rows": routine.n_rows,
@@ -376,7 +347,3 @@ def fit_chunked(
             "log_posterior": logp,
         },
     )
-    with warnings.catch_warnings():
-        # em_stats is not one of ArviZ's named groups; that is intended.
-        warnings.simplefilter("ignore", UserWarning)
-        return az.InferenceData(posterior=_posterior(em, em.to_point(values)), em_stats=stats)

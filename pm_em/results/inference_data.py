@@ -16,6 +16,7 @@ from pm_em.results.criteria import model_selection_attrs
 
 __all__ = [
     "LaplaceFit",
+    "build_chunked_inference_data",
     "build_inference_data",
     "coords_of",
     "dims_of",
@@ -159,6 +160,26 @@ def build_inference_data(em, result, *, tol, max_iter, options=None) -> az.Infer
         # em_stats is not one of ArviZ's named groups; that is intended.
         warnings.simplefilter("ignore", UserWarning)
         return az.InferenceData(**groups)
+
+
+def build_chunked_inference_data(
+    em, point: dict, histories: list, best: int, *, tol, max_iter, options
+) -> az.InferenceData:
+    """The result of a chunked fit: the MAP point (dims and coords of the model's
+    parameters) and ``em_stats`` as :func:`build_inference_data` lays them out.
+    Per-row groups (responsibilities, labels, pointwise log-likelihood) are not built:
+    the model holds one chunk, not the data."""
+    model = em.model
+    data = {name: np.asarray(value)[None, None] for name, value in point.items()}
+    dims = {name: dims_of(model, name, np.ndim(value)) for name, value in point.items()}
+    used = {dim for names in dims.values() for dim in names}
+    coords = {dim: values for dim, values in coords_of(model).items() if dim in used}
+    posterior = az.dict_to_dataset(data, library=pm, coords=coords, dims=dims)
+    stats = _em_stats(histories, best, tol, max_iter, options)
+    with warnings.catch_warnings():
+        # em_stats is not one of ArviZ's named groups; that is intended.
+        warnings.simplefilter("ignore", UserWarning)
+        return az.InferenceData(posterior=posterior, em_stats=stats)
 
 
 def em_point(idata: az.InferenceData) -> xr.Dataset:
