@@ -447,7 +447,9 @@ def _unconstrained_point(model, point):
         transform = model.rvs_to_transforms.get(rv)
         name = model.rvs_to_values[rv].name
         values[name] = (
-            value if transform is None else transform.forward(value, *rv.owner.inputs).eval()
+            value
+            if transform is None
+            else transform.forward(value, *rv.owner.inputs).eval(mode="FAST_COMPILE")
         )
     return values
 
@@ -456,7 +458,7 @@ def test_chain_length_follows_dims(case):
     """``dims="time"`` of length T makes a chain of T states: ``steps = T - 1``."""
     s = case.model["s"]
     n_steps = s.owner.inputs[1]
-    assert int(n_steps.eval()) == case.y.shape[-1] - 1
+    assert int(n_steps.eval(mode="FAST_COMPILE")) == case.y.shape[-1] - 1
     assert case.model.named_vars_to_dims["s"] == case.model.named_vars_to_dims["y"]
 
 
@@ -466,7 +468,9 @@ def test_model_complete_data_logp_matches_reference(case, reference):
     params = reference.estimates
     paths = np.stack(ref.viterbi_paths(case.y, params, case.emission))
     point = dict(params) | {"s": paths.reshape(case.y.shape)}
-    model_logp = case.model.compile_logp(jacobian=False)(_unconstrained_point(case.model, point))
+    model_logp = case.model.compile_logp(jacobian=False, mode="FAST_COMPILE")(
+        _unconstrained_point(case.model, point)
+    )
     log_pi, log_P = ref.safe_log(params["pi"]), ref.safe_log(params["P"])
     expected = ref.log_prior(params, **case.priors)
     for seq, path in zip(case.sequences, paths):

@@ -124,7 +124,7 @@ def test_hurdle_poisson_is_the_map_of_its_own_density(rng):
     em = pm_em.EM(model)
     # Direct maximization of PyMC's own log-density (no Jacobian) on the unconstrained
     # space: the same mode.
-    logp = model.compile_logp(jacobian=False)
+    logp = model.compile_logp(jacobian=False, mode="FAST_COMPILE")
     names = [p.value.name for p in em.params]
 
     def unflatten(theta):

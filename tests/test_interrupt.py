@@ -70,7 +70,7 @@ def test_callback_stops_the_remaining_starts(model):
     assert stats.attrs["best_restart"] == int(np.argmax(finals))
 
 
-def test_ctrl_c_stops_within_an_iteration_with_the_best_point(model, caplog):
+def test_ctrl_c_stops_within_an_iteration_with_the_best_point(model, caplog, python_ctrl_c):
     """A real SIGINT, delivered from another thread while EM runs. Measured in
     iterations, not seconds (a loaded machine stretches any wall-clock bound): once
     the signal is sent, at most the iteration under way completes."""

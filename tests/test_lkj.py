@@ -91,8 +91,8 @@ class MarginalPosterior:
     and its gradient, on PyMC's flat unconstrained vector."""
 
     def __init__(self, model):
-        self.logp = model.compile_logp(jacobian=False)
-        self.dlogp = model.compile_dlogp(jacobian=False)
+        self.logp = model.compile_logp(jacobian=False, mode="FAST_COMPILE")
+        self.dlogp = model.compile_dlogp(jacobian=False, mode="FAST_COMPILE")
         start = model.initial_point()
         self.info = [(k, v.shape, v.size, v.dtype) for k, v in start.items()]
 
