@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import numpy as np
 import pytensor
 import pytensor.tensor as pt
-from pytensor.compile.mode import Mode
+from pytensor.compile.mode import Mode, get_mode
 from pytensor.compile.sharedvalue import SharedVariable
 from pytensor.graph.basic import Variable
 from pytensor.graph.replace import graph_replace, vectorize_graph
@@ -62,6 +62,19 @@ BACKENDS = {"jax": "JAX", "c": None}
 # Graphs evaluated once at build time: pure Python thunks, so that no C code is
 # generated and compiled for them (the first C compilation of an op costs seconds).
 ONCE_MODE = _ONCE = Mode(linker="py", optimizer="fast_compile")
+
+
+@functools.cache
+def _jax_mode() -> Mode:
+    """PyTensor's JAX mode without ``local_usmm``.
+
+    That rewrite turns a sparse dot into a BLAS ``usmm`` (which JAX cannot run), and
+    its pattern reads ``config.blas__ldflags`` at every ``z - a * y`` with a scalar
+    ``a``: the first read in a process detects the BLAS flags by compiling and
+    running test programs with g++, 0.3 to 0.5 s of a cold JAX fit that compiles
+    nothing in C. pm_em's graphs have no sparse dot, so they are rewritten the same.
+    """
+    return get_mode(BACKENDS["jax"]).excluding("local_usmm")
 
 
 def default_backend() -> str:
@@ -247,7 +260,7 @@ def compile_function(
     """
     kwargs = {"on_unused_input": "ignore", **(compile_kwargs or {})}
     if "mode" not in kwargs and BACKENDS[backend] is not None:
-        kwargs["mode"] = BACKENDS[backend]
+        kwargs["mode"] = _jax_mode() if backend == "jax" else BACKENDS[backend]
     if backend == "jax":
         return JAXFunction(inputs, outputs, kwargs)
     return CompiledFunction(pytensor.function(list(inputs), list(outputs), **kwargs))

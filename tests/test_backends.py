@@ -243,6 +243,38 @@ def test_jax_computes_float64_in_a_float32_session():
     assert float(difference) == pytest.approx(1e-10, rel=1e-5)
 
 
+def test_a_cold_jax_fit_starts_no_compiler(tmp_path):
+    """A JAX fit in a fresh process, on an empty compiledir, runs no subprocess.
+    PyTensor's sparse rewrite ``local_usmm`` reads ``config.blas__ldflags`` while
+    rewriting a normal log-density, and the first read compiled and ran test
+    programs with g++: 0.3 to 0.5 s of every cold JAX fit (``_jax_mode``)."""
+    pytest.importorskip("jax")
+    script = (
+        "import numpy as np, pytensor.utils\n"
+        "started = []\n"
+        "popen = pytensor.utils.subprocess_Popen\n"
+        "def recorded(command, **kwargs):\n"
+        "    started.append(command)\n"
+        "    return popen(command, **kwargs)\n"
+        "pytensor.utils.subprocess_Popen = recorded\n"
+        "import pm_em\n"
+        "from tests.models import normal_mixture\n"
+        "x = np.concatenate([np.linspace(-3, -1, 20), np.linspace(1, 3, 20)])\n"
+        "idata = pm_em.find_MAP(normal_mixture(x), backend='jax', progressbar=False)\n"
+        "assert idata.em_stats.attrs['backend'] == 'jax'\n"
+        "print(len(started))\n"
+    )
+    env = {**os.environ}
+    env["PYTENSOR_FLAGS"] = ",".join(
+        filter(None, [env.get("PYTENSOR_FLAGS", ""), f"base_compiledir={tmp_path}"])
+    )
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split()[-1] == "0"
+
+
 def test_environment_sets_the_default(monkeypatch):
     pytest.importorskip("jax")
     monkeypatch.delenv("PM_EM_BACKEND", raising=False)
