@@ -19,7 +19,7 @@ from pm_em.diagnostics import (
     model_or_context,
 )
 from pm_em.errors import MultimodalWarning
-from pm_em.fit.loop import ACCELERATIONS, logp_rounding, run_starts
+from pm_em.fit.loop import ACCELERATIONS, best_start, logp_rounding, run_starts
 from pm_em.fit.progress import progress_reporter
 from pm_em.fit.starts import resolve_init, start_points
 from pm_em.results.fit_result import fit_result
@@ -77,16 +77,6 @@ def _apply_values(em: EM, point: dict, values: Mapping | None, label: str) -> di
     return point
 
 
-def _best_restart(histories) -> int:
-    """The start with the highest final log-posterior among those that did not
-    collapse (among all, if every one did)."""
-    finals = np.array([h.logp[-1] if h.logp else -np.inf for h in histories], dtype=float)
-    finals = np.where(np.isnan(finals), -np.inf, finals)
-    sound = np.array([h.collapse is None for h in histories])
-    candidates = np.where(sound, finals, -np.inf) if sound.any() else finals
-    return int(np.argmax(candidates))
-
-
 def _mode_spread(em: EM, histories, tol: float) -> tuple[int, int, float]:
     """How the converged, sound starts ended: ``(at_best, compared, spread)``, the
     number within the same-mode tolerance of the best of them, how many were
@@ -102,7 +92,8 @@ def _mode_spread(em: EM, histories, tol: float) -> tuple[int, int, float]:
     if finals.size < 2:
         return finals.size, finals.size, 0.0
     best = finals.max()
-    same = _SAME_MODE_FACTOR * max(tol * em.structure.n_observations, logp_rounding(em, best))
+    routine = em.routine
+    same = _SAME_MODE_FACTOR * max(tol * routine.n_observations, logp_rounding(routine, best))
     at_best = int(np.sum(best - finals <= same))
     spread = float(best - finals.min())
     return at_best, finals.size, spread if at_best < finals.size else 0.0
@@ -235,11 +226,13 @@ def find_MAP(
         the chunk length) and give here each observed variable's (or ``pm.Data``
         container's) full data: a NumPy array, a memory map
         (``np.load(path, mmap_mode="r")``), a Dask array or an xarray.DataArray.
-        The fit takes plain EM steps from ``initvals`` (else a jittered start,
-        ``init="jitter"``) and returns ``posterior`` (the MAP point) and
-        ``em_stats`` only: no responsibilities, labels or pointwise
-        log-likelihood (they are rows x support). ``n_init`` starts run one after
-        another; ``laplace``, ``callback`` and ``var_names`` are not available.
+        The fit starts from ``initvals`` (else a jittered start,
+        ``init="jitter"``), runs the same loop as in memory (``accelerate``,
+        ``callback``, ``tol``, ``max_iter``, Ctrl-C alike) and returns ``posterior``
+        (the MAP point) and ``em_stats`` only: no responsibilities, labels or
+        pointwise log-likelihood (they are rows x support). ``n_init`` starts run
+        one after another, or side by side on a Dask cluster (``client``);
+        ``laplace``, ``var_names`` and ``init="kmeans"`` are not available.
     client : dask.distributed.Client, optional
         With ``data``: run the chunks on the client's workers, each keeping its
         chunks and compiled routine for the whole fit. Without: in this process.
@@ -299,7 +292,9 @@ def find_MAP(
     model = model_or_context(model)
     _check_options(tol, max_iter, blas_cores, n_init, accelerate)
     if data is not None:
-        _check_chunked_options(init, accelerate, laplace, callback, var_names)
+        _check_chunked_options(init, laplace, var_names)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {callback!r}.")
         with threadpool_limits(limits=blas_cores) if blas_cores is not None else nullcontext():
             return fit_chunked(
                 model,
@@ -308,9 +303,11 @@ def find_MAP(
                 latent_vars=latent_vars,
                 initvals=initvals,
                 n_init=n_init,
+                accelerate=accelerate,
                 tol=tol,
                 max_iter=max_iter,
                 random_seed=random_seed,
+                callback=callback,
                 progressbar=progressbar,
                 compile_kwargs=compile_kwargs,
                 backend=backend,
@@ -339,7 +336,7 @@ def find_MAP(
             progress=progress,
             callback=callback,
         )
-    best = _best_restart(histories)
+    best = best_start(histories)
     at_best, compared, spread = _mode_spread(em, histories, tol)
     _warn_spread(em, at_best, compared, spread, n_init)
     state = states[best]
@@ -373,20 +370,21 @@ def find_MAP(
     return idata
 
 
-def _check_chunked_options(init, accelerate, laplace, callback, var_names) -> None:
-    """Refuse the options a chunked fit (``data=``) does not have."""
+def _check_chunked_options(init, laplace, var_names) -> None:
+    """Refuse the options a chunked fit (``data=``) does not have: a k-means start
+    and a Laplace approximation need the data in memory, and its result holds the
+    parameters only (nothing for ``var_names`` to select)."""
     refused = {
         "init": not (isinstance(init, str) and init in ("auto", "jitter")),
-        "accelerate": accelerate == "squarem",
         "laplace": bool(laplace),
-        "callback": callback is not None,
         "var_names": var_names is not None,
     }
     named = [name for name, bad in refused.items() if bad]
     if named:
         raise ValueError(
-            f"{named} are not available with data= (a chunked fit): it takes plain EM "
-            "steps from initvals or a jittered start. Leave them at their defaults."
+            f"{named} are not available with data= (a chunked fit): it starts from "
+            "initvals or a jittered start, and returns the MAP point only. Leave them at "
+            "their defaults."
         )
 
 

@@ -12,6 +12,7 @@ import pytest
 from pm_em import EM
 from pm_em.chunks.fit import ChunkedEM, fit_chunked
 from pm_em.errors import EMConvergenceWarning
+from pm_em.fit.loop import run_em
 from tests.test_chunked import CASES, assert_same_fit, fit_in_memory
 
 distributed = pytest.importorskip("distributed")
@@ -59,7 +60,7 @@ def test_cluster_fit_with_a_numeric_m_step_matches_in_memory_fit(client):
 
 
 class KillOneWorker:
-    """A progress hook that kills a worker's process (every worker's, with
+    """A chunk hook (``on_chunks``) that kills a worker's process (every worker's, with
     ``every=True``) after the first chunks of the second iteration."""
 
     def __init__(self, client, every=False):
@@ -77,16 +78,14 @@ class KillOneWorker:
             for pid in pids.values():
                 os.kill(pid, signal.SIGKILL)
 
-    def iteration(self, iteration, logp):
-        pass
-
 
 def test_killed_worker_is_replaced_and_the_fit_is_unchanged(client, reference, mapped):
     build, data, length, start = CASES["gmm"]
     em = EM(build(data[:length]))
-    routine = ChunkedEM(em, {"x": mapped}, client=client)
     hook = KillOneWorker(client)
-    values, _, history = routine.run(em.to_values(start), tol=1e-8, max_iter=1000, progress=hook)
+    routine = ChunkedEM(em, {"x": mapped}, client=client, on_chunks=hook)
+    state, history = run_em(routine, em.to_values(start), tol=1e-8, max_iter=1000)
+    values = state.values
     assert hook.killed is not None
     # Every chunk is now held by the surviving worker.
     assert hook.killed not in routine.executor.owned
@@ -105,11 +104,10 @@ def test_every_worker_lost_stops_with_the_last_iteration(client, reference, mapp
     stops, warns, and returns the last completed iteration's point."""
     build, data, length, start = CASES["gmm"]
     em = EM(build(data[:length]))
-    routine = ChunkedEM(em, {"x": mapped}, client=client)
+    routine = ChunkedEM(em, {"x": mapped}, client=client, on_chunks=KillOneWorker(client, True))
     with pytest.warns(EMConvergenceWarning, match="Every Dask worker holding chunks was lost"):
-        values, logp, history = routine.run(
-            em.to_values(start), tol=1e-8, max_iter=1000, progress=KillOneWorker(client, True)
-        )
+        state, history = run_em(routine, em.to_values(start), tol=1e-8, max_iter=1000)
+    values, logp = state.values, state.logp
     assert history.stopped == "workers lost" and not history.converged
     # The point returned is the one whose log-posterior was recorded last.
     assert logp == history.logp[-1] and history.n_iter >= 1
