@@ -13,9 +13,12 @@ cluster's start and the first chunk reads are not counted.
 
 With ``--n-init K`` (K > 1) every runner fits K jittered starts (seed 0) of the fixed
 number of iterations each, and reports ``seconds``: the wall time of all the starts
-(after one warm-up E- and M-step compiled everything); on the cluster the starts run
-side by side (one driver thread each, ``cluster``) or one after another
-(``cluster-sequential``).
+(after a warm-up iteration of every start compiled everything); on the cluster the
+starts run side by side (one driver thread each, ``cluster``) or one after another
+(``cluster-sequential``). ``cluster-async``: side by side, with actors that serve
+two calls at once (an async method running each call in a thread of a 2-thread
+pool, with that thread's own copy of the compiled kernel), where pm_em's actor
+serves one call at a time.
 
 Usage::
 
@@ -76,6 +79,48 @@ def model_on(first_rows):
     return model
 
 
+class ConcurrentChunkWorker:
+    """A :class:`pm_em.chunks.distributed.ChunkWorker` serving ``threads`` calls at
+    once (``cluster-async``). Defined here, it travels to the workers by value."""
+
+    def __init__(self, kernel, threads: int = 2):
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        from pm_em.chunks.distributed import ChunkWorker
+
+        self._inner = ChunkWorker(kernel)
+        self.kernel = kernel
+        self.chunks = self._inner.chunks
+        self._pool = ThreadPoolExecutor(threads)
+        self._local = threading.local()
+
+    def load(self, indices, loaders) -> int:
+        return self._inner.load(indices, loaders)
+
+    def _level(self, level, values, totals, indices):
+        import pickle
+
+        from pm_em.chunks.executor import add_into
+
+        # A compiled function keeps its own storage: one copy of the kernel per thread.
+        kernel = getattr(self._local, "kernel", None)
+        if kernel is None:
+            kernel = self._local.kernel = pickle.loads(pickle.dumps(self.kernel))
+        values = [np.array(v, copy=True) for v in values]
+        totals = [[np.array(t, copy=True) for t in level_totals] for level_totals in totals]
+        total = None
+        for index in indices:
+            total = add_into(total, kernel(level, values, self.chunks[index], totals))
+        return total
+
+    async def level(self, level, values, totals, indices):
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._level, level, values, totals, indices)
+
+
 class IterationClock:
     """Progress reporter (:class:`pm_em.fit.progress.EMProgress`'s protocol)
     recording when each iteration of start 0 ends."""
@@ -105,9 +150,15 @@ def _peak_rss() -> int:
 
 
 def run_chunks(
-    path: str, iterations: int, workers: int, n_init: int = 1, concurrent: bool = True
+    path: str,
+    iterations: int,
+    workers: int,
+    n_init: int = 1,
+    concurrent: bool = True,
+    concurrent_actors: bool = False,
 ) -> dict:
     from pm_em import EM
+    from pm_em.chunks import distributed
     from pm_em.chunks.fit import ChunkedEM
     from pm_em.fit.loop import best_start, run_starts
     from pm_em.fit.starts import start_points
@@ -123,16 +174,19 @@ def run_chunks(
             n_workers=workers, threads_per_worker=1, dashboard_address=None, processes=True
         )
         client = Client(cluster)
+    if concurrent_actors:
+        # The executor creates its actors from this module attribute.
+        distributed.ChunkWorker = ConcurrentChunkWorker
     routine = ChunkedEM(em, {"x": mapped}, client=client, concurrent_starts=concurrent)
     if n_init == 1:
         starts = [em.to_values(START)]
     else:
         starts = [em.to_values(p) for p in start_points(em, "jitter", n_init, 0)]
-    # Compile every level (here and on the workers) before the clock starts.
-    routine.m_step(starts[0], routine.e_step(starts[0])[1])
     clock = IterationClock()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tol=0: "did not converge" by design
+        # Compile every level (here and on the workers) before the clock starts.
+        run_starts(routine, starts, tol=0.0, max_iter=1, accelerate=None)
         begin = time.perf_counter()
         states, histories = run_starts(
             routine, starts, tol=0.0, max_iter=iterations, accelerate=None, progress=clock
@@ -140,6 +194,9 @@ def run_chunks(
         seconds = time.perf_counter() - begin
     best = best_start(histories)
     record = {
+        # One chunk's kernel per level, in this process: what a worker computes per
+        # chunk of a pass (its share of an iteration: chunks per worker x this sum).
+        "chunk_seconds": _chunk_seconds(routine, starts[0]),
         "seconds_per_iteration": float(np.diff(clock.ends).mean()),
         "n_init": n_init,
         "concurrent_starts": routine.concurrent_starts,
@@ -157,6 +214,25 @@ def run_chunks(
         client.close()
         cluster.close()
     return record
+
+
+def _chunk_seconds(routine, values, repeats: int = 3) -> list[float]:
+    """Best of ``repeats`` wall times of one full chunk's statistics, per level."""
+    start, stop = routine.executor.ranges[0]
+    arrays = [source.read(start, stop) for source in routine.sources]
+    first = routine.kernel(0, values, arrays, [])
+    totals = [routine.kernel.split_first(first)[1]]
+    seconds = []
+    for level in range(routine.n_levels):
+        times = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            out = routine.kernel(level, values, arrays, totals[:level])
+            times.append(time.perf_counter() - begin)
+        seconds.append(min(times))
+        if level > 0:
+            totals.append(out)
+    return seconds
 
 
 def run_sklearn(path: str, iterations: int) -> dict:
@@ -190,7 +266,14 @@ def worker_main(args) -> None:
     else:
         workers = 2 if args.runner.startswith("cluster") else 0
         concurrent = args.runner != "cluster-sequential"
-        record = run_chunks(args.path, args.iterations, workers, args.n_init, concurrent)
+        record = run_chunks(
+            args.path,
+            args.iterations,
+            workers,
+            args.n_init,
+            concurrent,
+            concurrent_actors=args.runner == "cluster-async",
+        )
     print("RESULT " + json.dumps(record))
 
 
@@ -211,7 +294,7 @@ def main() -> None:
         "--runners",
         nargs="*",
         default=["chunks", "cluster", "sklearn"],
-        help="which to run: chunks, cluster, cluster-sequential, sklearn",
+        help="which to run: chunks, cluster, cluster-sequential, cluster-async, sklearn",
     )
     parser.add_argument(
         "--n-init", type=int, default=1, help="starts per fit (pm_em runners; sklearn: 1)"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
 
@@ -18,23 +17,13 @@ from pm_em.diagnostics import (
     explain_nonfinite_logp,
     model_or_context,
 )
-from pm_em.errors import MultimodalWarning
-from pm_em.fit.loop import ACCELERATIONS, best_start, logp_rounding, run_starts
+from pm_em.fit.loop import ACCELERATIONS, best_start, mode_spread, run_starts, warn_spread
 from pm_em.fit.progress import progress_reporter
 from pm_em.fit.starts import resolve_init, start_points
 from pm_em.results.fit_result import fit_result
 from pm_em.results.inference_data import build_inference_data
 from pm_em.results.laplace import laplace_idata
 from pm_em.routine.em import EM, cached_routine
-
-# Two converged starts are at the same mode when their final log-posteriors differ by
-# less than this many times tol per observation: EM stops short of its mode by about
-# tol * r / (1 - r) per observation (r its rate), and on a ridge r passes 0.99 (the
-# K = 5 mixture of benchmarks/accelerate.py: 20-70 tol short, plain EM or SQUAREM);
-# distinct modes of the benchmark mixtures differ by 1e5 tol and more
-# (benchmarks/README.md). The same factor times the log-posterior's rounding covers
-# float32, where that rounding is larger.
-_SAME_MODE_FACTOR = 1000.0
 
 __all__ = ["find_MAP"]
 
@@ -75,44 +64,6 @@ def _apply_values(em: EM, point: dict, values: Mapping | None, label: str) -> di
         point[name] = np.asarray(value, dtype=float)
     check_start_values(em, point, values, label)
     return point
-
-
-def _mode_spread(em: EM, histories, tol: float) -> tuple[int, int, float]:
-    """How the converged, sound starts ended: ``(at_best, compared, spread)``, the
-    number within the same-mode tolerance of the best of them, how many were
-    compared, and how far (nats) the lowest ended below the best (0 when they agree).
-
-    Starts stopped at a degenerate point, by ``max_iter`` or by the user are left out:
-    they did not reach a mode (and are reported otherwise).
-    """
-    finals = np.array(
-        [h.logp[-1] for h in histories if h.converged and h.collapse is None], dtype=float
-    )
-    finals = finals[np.isfinite(finals)]
-    if finals.size < 2:
-        return finals.size, finals.size, 0.0
-    best = finals.max()
-    routine = em.routine
-    same = _SAME_MODE_FACTOR * max(tol * routine.n_observations, logp_rounding(routine, best))
-    at_best = int(np.sum(best - finals <= same))
-    spread = float(best - finals.min())
-    return at_best, finals.size, spread if at_best < finals.size else 0.0
-
-
-def _warn_spread(em: EM, at_best: int, compared: int, spread: float, n_init: int) -> None:
-    """A :class:`MultimodalWarning` when the starts ended at different modes."""
-    if at_best == compared:
-        return
-    n_obs = em.structure.n_observations
-    warnings.warn(
-        f"The starts ended at different modes: {at_best} of {compared} converged starts "
-        f"reached the best log-posterior, the lowest ended {spread:.4g} nats below it "
-        f"({spread / n_obs:.3g} per observation). EM climbs to the mode nearest its "
-        f"start; raise n_init (e.g. n_init={max(2 * n_init, 10)}) to find the best mode "
-        "more reliably. Every start's log-posterior is in em_stats['restart_logp'].",
-        MultimodalWarning,
-        stacklevel=3,
-    )
 
 
 def find_MAP(
@@ -337,8 +288,8 @@ def find_MAP(
             callback=callback,
         )
     best = best_start(histories)
-    at_best, compared, spread = _mode_spread(em, histories, tol)
-    _warn_spread(em, at_best, compared, spread, n_init)
+    at_best, compared, spread = mode_spread(em.routine, histories, tol)
+    warn_spread(em.routine, at_best, compared, spread, n_init)
     state = states[best]
     if not np.isfinite(state.logp):
         raise ValueError(explain_nonfinite_logp(em.routine, state.values, state.logp))

@@ -214,3 +214,37 @@ def test_expected_counts_over_chunks_are_the_in_memory_counts():
     np.testing.assert_array_equal(got.support, expected.support)
     np.testing.assert_allclose(got.counts, expected.counts, rtol=1e-12)
     np.testing.assert_allclose(got.counts.sum(), len(data), rtol=1e-12)
+
+
+def ridge(data):
+    """A K = 4 mixture on log-normal data (tests/test_restarts.py): jittered starts
+    end at different modes, after SQUAREM took over (accelerate="auto")."""
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", np.ones(4))
+        mu = pm.Normal("mu", 0.0, 10.0, shape=4)
+        sigma = pm.InverseGamma("sigma", 2.0, 0.1, shape=4)
+        z = pm.Categorical("z", p=w, shape=len(data))
+        pm.Normal("x", mu[z], sigma[z], observed=data)
+    return model
+
+
+def test_starts_at_different_modes_warn_as_in_memory():
+    x = np.random.default_rng(5).lognormal(0.0, 0.6, 300)
+    options = {"n_init": 4, "random_seed": 0, "progressbar": False}
+    different = r"1 of 4 converged starts.*raise n_init"
+    # Each start leaves components empty, in chunks as in memory.
+    empty = r"Empty component\(s\): z = "
+    with pytest.warns(pm_em.MultimodalWarning, match=different):
+        with pytest.warns(pm_em.DegenerateSolutionWarning, match=empty):
+            reference = pm_em.find_MAP(ridge(x), init="jitter", **options)
+    with pytest.warns(pm_em.MultimodalWarning, match=different):
+        with pytest.warns(pm_em.DegenerateSolutionWarning, match=empty):
+            chunked = pm_em.find_MAP(ridge(x[:100]), data={"x": x}, **options)
+    stats, expected = chunked.em_stats, reference.em_stats
+    for name in ("best_restart", "restarts_at_best"):
+        assert stats.attrs[name] == expected.attrs[name]
+    assert stats.attrs["restart_spread"] == pytest.approx(expected.attrs["restart_spread"])
+    assert stats.attrs["restart_spread"] > 1.0
+    np.testing.assert_array_equal(stats.restart_n_iter, expected.restart_n_iter)
+    np.testing.assert_array_equal(stats.restart_squarem_from, expected.restart_squarem_from)
+    np.testing.assert_array_equal(stats.restart_degenerate, expected.restart_degenerate)

@@ -30,7 +30,7 @@ from pm_em.chunks.executor import LocalExecutor
 from pm_em.chunks.kernel import NUMERIC, ChunkKernel, MStep, check_additive
 from pm_em.chunks.plan import plan_chunks
 from pm_em.chunks.sources import DataSource
-from pm_em.fit.loop import best_start, run_starts
+from pm_em.fit.loop import best_start, mode_spread, run_starts, warn_spread
 from pm_em.fit.progress import progress_reporter
 from pm_em.fit.protocol import ExpectedCounts
 from pm_em.fit.starts import start_points
@@ -248,7 +248,8 @@ def fit_chunked(
     n_init : int, default 1
         Starts, on the same chunks (and workers); the one with the highest
         log-posterior that did not collapse wins (``em_stats.attrs["best_restart"]``,
-        every start's trace in ``restart_logp``).
+        every start's trace in ``restart_logp``; a ``MultimodalWarning`` when
+        converged starts end at different modes, as in memory).
     callback : callable, optional
         As in :func:`pm_em.find_MAP`.
     concurrent_starts : bool, default True
@@ -262,7 +263,8 @@ def fit_chunked(
         ``posterior``: the MAP point (chain = draw = 1). ``em_stats``: as
         :func:`pm_em.find_MAP` lays it out (``logp`` per iteration, ``n_iter``,
         ``n_e_steps``, ``converged``, ``restart_*``); attrs ``best_restart``,
-        ``accelerate``, ``squarem_from``, ``stopped``, ``n_observations``,
+        ``accelerate``, ``squarem_from``, ``stopped``, ``restarts_at_best``,
+        ``restart_spread``, ``n_observations``,
         ``n_rows``, ``chunk_length``, ``n_chunks``. The responsibilities (rows x
         support) are not materialized: for the rows of one chunk,
         ``pm_em.EM(model).e_step(point)`` on a model declared on them.
@@ -315,6 +317,8 @@ def fit_chunked(
     finally:
         routine.close()
     best = best_start(histories)
+    at_best, compared, spread = mode_spread(routine, histories, tol)
+    warn_spread(routine, at_best, compared, spread, n_init)
     state, history = states[best], histories[best]
     if not np.isfinite(state.logp):
         raise ValueError(
@@ -340,6 +344,8 @@ def fit_chunked(
             "accelerate": str(accelerate),
             "squarem_from": -1 if history.squarem_from is None else history.squarem_from,
             "stopped": stopped,
+            "restarts_at_best": at_best,
+            "restart_spread": spread,
             "n_observations": routine.n_observations,
             "n_rows": routine.n_rows,
             "chunk_length": routine.plan.chunk_length,

@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pm_em.errors import ComputationLostError, DegenerateSolutionWarning, EMConvergenceWarning
+from pm_em.errors import (
+    ComputationLostError,
+    DegenerateSolutionWarning,
+    EMConvergenceWarning,
+    MultimodalWarning,
+)
 from pm_em.fit.degenerate import Collapse, find_collapse, find_empty_components
 from pm_em.fit.precision import LoopTolerances, Settling, loop_tolerances
 from pm_em.fit.squarem import squarem_cycle
@@ -27,8 +32,10 @@ __all__ = [
     "EMState",
     "StopSignal",
     "best_start",
+    "mode_spread",
     "run_em",
     "run_starts",
+    "warn_spread",
 ]
 
 #: Accepted values of ``accelerate``.
@@ -40,6 +47,15 @@ ACCELERATIONS = (None, "auto", "squarem")
 #: E-steps. Switching after 10 saved little more there (69 E-steps against 77;
 #: after 20, 81) and changed the fast fits; after 50 gave up most of the gain (97).
 AUTO_SQUAREM_AFTER = 30
+
+# Two converged starts are at the same mode when their final log-posteriors differ by
+# less than this many times tol per observation: EM stops short of its mode by about
+# tol * r / (1 - r) per observation (r its rate), and on a ridge r passes 0.99 (the
+# K = 5 mixture of benchmarks/accelerate.py: 20-70 tol short, plain EM or SQUAREM);
+# distinct modes of the benchmark mixtures differ by 1e5 tol and more
+# (benchmarks/README.md). The same factor times the log-posterior's rounding covers
+# float32, where that rounding is larger.
+_SAME_MODE_FACTOR = 1000.0
 
 # A decrease of the observed-data log-posterior beyond this (relative) size is not
 # rounding: EM never decreases it.
@@ -379,6 +395,43 @@ def best_start(histories) -> int:
     sound = np.array([h.collapse is None for h in histories])
     candidates = np.where(sound, finals, -np.inf) if sound.any() else finals
     return int(np.argmax(candidates))
+
+
+def mode_spread(routine, histories, tol: float) -> tuple[int, int, float]:
+    """How the converged, sound starts ended: ``(at_best, compared, spread)``, the
+    number within the same-mode tolerance of the best of them, how many were
+    compared, and how far (nats) the lowest ended below the best (0 when they agree).
+
+    Starts stopped at a degenerate point, by ``max_iter`` or by the user are left out:
+    they did not reach a mode (and are reported otherwise).
+    """
+    finals = np.array(
+        [h.logp[-1] for h in histories if h.converged and h.collapse is None], dtype=float
+    )
+    finals = finals[np.isfinite(finals)]
+    if finals.size < 2:
+        return finals.size, finals.size, 0.0
+    best = finals.max()
+    same = _SAME_MODE_FACTOR * max(tol * routine.n_observations, logp_rounding(routine, best))
+    at_best = int(np.sum(best - finals <= same))
+    spread = float(best - finals.min())
+    return at_best, finals.size, spread if at_best < finals.size else 0.0
+
+
+def warn_spread(routine, at_best: int, compared: int, spread: float, n_init: int) -> None:
+    """A :class:`MultimodalWarning` when the starts ended at different modes."""
+    if at_best == compared:
+        return
+    n_obs = routine.n_observations
+    warnings.warn(
+        f"The starts ended at different modes: {at_best} of {compared} converged starts "
+        f"reached the best log-posterior, the lowest ended {spread:.4g} nats below it "
+        f"({spread / n_obs:.3g} per observation). EM climbs to the mode nearest its "
+        f"start; raise n_init (e.g. n_init={max(2 * n_init, 10)}) to find the best mode "
+        "more reliably. Every start's log-posterior is in em_stats['restart_logp'].",
+        MultimodalWarning,
+        stacklevel=3,
+    )
 
 
 def _advance(routine, state: EMState, accelerated: bool, tolerance: float, converged_change):
