@@ -318,7 +318,7 @@ def run_starts(
         stopped where the stop found it).
     """
     options = {"tol": tol, "max_iter": max_iter, "accelerate": accelerate}
-    if len(starts) > 1 and getattr(routine, "concurrent_starts", False):
+    if len(starts) > 1 and routine.concurrent_starts:
         return _run_side_by_side(routine, starts, options, progress, callback)
     states, histories = [], []
     for restart, values in enumerate(starts):
