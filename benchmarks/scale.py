@@ -197,6 +197,9 @@ def run_chunks(
         # One chunk's kernel per level, in this process: what a worker computes per
         # chunk of a pass (its share of an iteration: chunks per worker x this sum).
         "chunk_seconds": _chunk_seconds(routine, starts[0]),
+        # One pass of level 0 over every chunk, as the driver sees it (the workers'
+        # kernels and the calls' round trips).
+        "pass_seconds": _pass_seconds(routine, starts[0]),
         "seconds_per_iteration": float(np.diff(clock.ends).mean()),
         "n_init": n_init,
         "concurrent_starts": routine.concurrent_starts,
@@ -233,6 +236,16 @@ def _chunk_seconds(routine, values, repeats: int = 3) -> list[float]:
         if level > 0:
             totals.append(out)
     return seconds
+
+
+def _pass_seconds(routine, values, repeats: int = 3) -> float:
+    """Best of ``repeats`` wall times of one level-0 pass over every chunk."""
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        routine.executor.level(0, values, [])
+        times.append(time.perf_counter() - begin)
+    return min(times)
 
 
 def run_sklearn(path: str, iterations: int) -> dict:
