@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping
 from contextlib import nullcontext
 
@@ -18,23 +17,13 @@ from pm_em.diagnostics import (
     explain_nonfinite_logp,
     model_or_context,
 )
-from pm_em.errors import MultimodalWarning
-from pm_em.fit.loop import ACCELERATIONS, logp_rounding, run_starts
+from pm_em.fit.loop import ACCELERATIONS, best_start, mode_spread, run_starts, warn_spread
 from pm_em.fit.progress import progress_reporter
 from pm_em.fit.starts import resolve_init, start_points
 from pm_em.results.fit_result import fit_result
 from pm_em.results.inference_data import build_inference_data
 from pm_em.results.laplace import laplace_idata
 from pm_em.routine.em import EM, cached_routine
-
-# Two converged starts are at the same mode when their final log-posteriors differ by
-# less than this many times tol per observation: EM stops short of its mode by about
-# tol * r / (1 - r) per observation (r its rate), and on a ridge r passes 0.99 (the
-# K = 5 mixture of benchmarks/accelerate.py: 20-70 tol short, plain EM or SQUAREM);
-# distinct modes of the benchmark mixtures differ by 1e5 tol and more
-# (benchmarks/README.md). The same factor times the log-posterior's rounding covers
-# float32, where that rounding is larger.
-_SAME_MODE_FACTOR = 1000.0
 
 __all__ = ["find_MAP"]
 
@@ -75,53 +64,6 @@ def _apply_values(em: EM, point: dict, values: Mapping | None, label: str) -> di
         point[name] = np.asarray(value, dtype=float)
     check_start_values(em, point, values, label)
     return point
-
-
-def _best_restart(histories) -> int:
-    """The start with the highest final log-posterior among those that did not
-    collapse (among all, if every one did)."""
-    finals = np.array([h.logp[-1] if h.logp else -np.inf for h in histories], dtype=float)
-    finals = np.where(np.isnan(finals), -np.inf, finals)
-    sound = np.array([h.collapse is None for h in histories])
-    candidates = np.where(sound, finals, -np.inf) if sound.any() else finals
-    return int(np.argmax(candidates))
-
-
-def _mode_spread(em: EM, histories, tol: float) -> tuple[int, int, float]:
-    """How the converged, sound starts ended: ``(at_best, compared, spread)``, the
-    number within the same-mode tolerance of the best of them, how many were
-    compared, and how far (nats) the lowest ended below the best (0 when they agree).
-
-    Starts stopped at a degenerate point, by ``max_iter`` or by the user are left out:
-    they did not reach a mode (and are reported otherwise).
-    """
-    finals = np.array(
-        [h.logp[-1] for h in histories if h.converged and h.collapse is None], dtype=float
-    )
-    finals = finals[np.isfinite(finals)]
-    if finals.size < 2:
-        return finals.size, finals.size, 0.0
-    best = finals.max()
-    same = _SAME_MODE_FACTOR * max(tol * em.structure.n_observations, logp_rounding(em, best))
-    at_best = int(np.sum(best - finals <= same))
-    spread = float(best - finals.min())
-    return at_best, finals.size, spread if at_best < finals.size else 0.0
-
-
-def _warn_spread(em: EM, at_best: int, compared: int, spread: float, n_init: int) -> None:
-    """A :class:`MultimodalWarning` when the starts ended at different modes."""
-    if at_best == compared:
-        return
-    n_obs = em.structure.n_observations
-    warnings.warn(
-        f"The starts ended at different modes: {at_best} of {compared} converged starts "
-        f"reached the best log-posterior, the lowest ended {spread:.4g} nats below it "
-        f"({spread / n_obs:.3g} per observation). EM climbs to the mode nearest its "
-        f"start; raise n_init (e.g. n_init={max(2 * n_init, 10)}) to find the best mode "
-        "more reliably. Every start's log-posterior is in em_stats['restart_logp'].",
-        MultimodalWarning,
-        stacklevel=3,
-    )
 
 
 def find_MAP(
@@ -235,11 +177,13 @@ def find_MAP(
         the chunk length) and give here each observed variable's (or ``pm.Data``
         container's) full data: a NumPy array, a memory map
         (``np.load(path, mmap_mode="r")``), a Dask array or an xarray.DataArray.
-        The fit takes plain EM steps from ``initvals`` (else a jittered start,
-        ``init="jitter"``) and returns ``posterior`` (the MAP point) and
-        ``em_stats`` only: no responsibilities, labels or pointwise
-        log-likelihood (they are rows x support). ``n_init`` starts run one after
-        another; ``laplace``, ``callback`` and ``var_names`` are not available.
+        The fit starts from ``initvals`` (else a jittered start,
+        ``init="jitter"``), runs the same loop as in memory (``accelerate``,
+        ``callback``, ``tol``, ``max_iter``, Ctrl-C alike) and returns ``posterior``
+        (the MAP point) and ``em_stats`` only: no responsibilities, labels or
+        pointwise log-likelihood (they are rows x support). ``n_init`` starts run
+        one after another, or side by side on a Dask cluster (``client``);
+        ``laplace``, ``var_names`` and ``init="kmeans"`` are not available.
     client : dask.distributed.Client, optional
         With ``data``: run the chunks on the client's workers, each keeping its
         chunks and compiled routine for the whole fit. Without: in this process.
@@ -299,7 +243,9 @@ def find_MAP(
     model = model_or_context(model)
     _check_options(tol, max_iter, blas_cores, n_init, accelerate)
     if data is not None:
-        _check_chunked_options(init, accelerate, laplace, callback, var_names)
+        _check_chunked_options(init, laplace, var_names)
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {callback!r}.")
         with threadpool_limits(limits=blas_cores) if blas_cores is not None else nullcontext():
             return fit_chunked(
                 model,
@@ -308,9 +254,11 @@ def find_MAP(
                 latent_vars=latent_vars,
                 initvals=initvals,
                 n_init=n_init,
+                accelerate=accelerate,
                 tol=tol,
                 max_iter=max_iter,
                 random_seed=random_seed,
+                callback=callback,
                 progressbar=progressbar,
                 compile_kwargs=compile_kwargs,
                 backend=backend,
@@ -339,9 +287,9 @@ def find_MAP(
             progress=progress,
             callback=callback,
         )
-    best = _best_restart(histories)
-    at_best, compared, spread = _mode_spread(em, histories, tol)
-    _warn_spread(em, at_best, compared, spread, n_init)
+    best = best_start(histories)
+    at_best, compared, spread = mode_spread(em.routine, histories, tol)
+    warn_spread(em.routine, at_best, compared, spread, n_init)
     state = states[best]
     if not np.isfinite(state.logp):
         raise ValueError(explain_nonfinite_logp(em.routine, state.values, state.logp))
@@ -373,20 +321,21 @@ def find_MAP(
     return idata
 
 
-def _check_chunked_options(init, accelerate, laplace, callback, var_names) -> None:
-    """Refuse the options a chunked fit (``data=``) does not have."""
+def _check_chunked_options(init, laplace, var_names) -> None:
+    """Refuse the options a chunked fit (``data=``) does not have: a k-means start
+    and a Laplace approximation need the data in memory, and its result holds the
+    parameters only (nothing for ``var_names`` to select)."""
     refused = {
         "init": not (isinstance(init, str) and init in ("auto", "jitter")),
-        "accelerate": accelerate == "squarem",
         "laplace": bool(laplace),
-        "callback": callback is not None,
         "var_names": var_names is not None,
     }
     named = [name for name, bad in refused.items() if bad]
     if named:
         raise ValueError(
-            f"{named} are not available with data= (a chunked fit): it takes plain EM "
-            "steps from initvals or a jittered start. Leave them at their defaults."
+            f"{named} are not available with data= (a chunked fit): it starts from "
+            "initvals or a jittered start, and returns the MAP point only. Leave them at "
+            "their defaults."
         )
 
 

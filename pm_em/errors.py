@@ -38,3 +38,12 @@ class MultimodalWarning(UserWarning):
     how many starts reached the best and how far below the others ended; raise
     ``n_init``.
     """
+
+
+class ComputationLostError(RuntimeError):
+    """A routine can no longer compute, e.g. every Dask worker holding chunks of the
+    data was lost. The EM loop stops at the last completed iteration, warns, and
+    records :attr:`reason` in ``history.stopped``."""
+
+    #: What ``history.stopped`` says.
+    reason = "computation lost"

@@ -416,9 +416,9 @@ def test_bad_data_is_refused(data, match):
     [
         ({"laplace": True}, "laplace"),
         ({"init": "kmeans"}, "init"),
-        ({"accelerate": "squarem"}, "accelerate"),
+        ({"var_names": ["mu"]}, "var_names"),
     ],
-    ids=["laplace", "init", "accelerate"],
+    ids=["laplace", "init", "var_names"],
 )
 def test_options_without_chunked_meaning_are_refused(options, named):
     with pytest.raises(ValueError, match=rf"\['{named}'\] are not available with data="):

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import numpy as np
 import pytest
 
 from pm_em import EM
 from pm_em.chunks.fit import ChunkedEM, fit_chunked
-from pm_em.errors import EMConvergenceWarning
+from pm_em.errors import DegenerateSolutionWarning, EMConvergenceWarning
+from pm_em.fit.loop import run_em
 from tests.test_chunked import CASES, assert_same_fit, fit_in_memory
 
 distributed = pytest.importorskip("distributed")
@@ -59,7 +61,7 @@ def test_cluster_fit_with_a_numeric_m_step_matches_in_memory_fit(client):
 
 
 class KillOneWorker:
-    """A progress hook that kills a worker's process (every worker's, with
+    """A chunk hook (``on_chunks``) that kills a worker's process (every worker's, with
     ``every=True``) after the first chunks of the second iteration."""
 
     def __init__(self, client, every=False):
@@ -77,16 +79,14 @@ class KillOneWorker:
             for pid in pids.values():
                 os.kill(pid, signal.SIGKILL)
 
-    def iteration(self, iteration, logp):
-        pass
-
 
 def test_killed_worker_is_replaced_and_the_fit_is_unchanged(client, reference, mapped):
     build, data, length, start = CASES["gmm"]
     em = EM(build(data[:length]))
-    routine = ChunkedEM(em, {"x": mapped}, client=client)
     hook = KillOneWorker(client)
-    values, _, history = routine.run(em.to_values(start), tol=1e-8, max_iter=1000, progress=hook)
+    routine = ChunkedEM(em, {"x": mapped}, client=client, on_chunks=hook)
+    state, history = run_em(routine, em.to_values(start), tol=1e-8, max_iter=1000)
+    values = state.values
     assert hook.killed is not None
     # Every chunk is now held by the surviving worker.
     assert hook.killed not in routine.executor.owned
@@ -105,12 +105,131 @@ def test_every_worker_lost_stops_with_the_last_iteration(client, reference, mapp
     stops, warns, and returns the last completed iteration's point."""
     build, data, length, start = CASES["gmm"]
     em = EM(build(data[:length]))
-    routine = ChunkedEM(em, {"x": mapped}, client=client)
+    routine = ChunkedEM(em, {"x": mapped}, client=client, on_chunks=KillOneWorker(client, True))
     with pytest.warns(EMConvergenceWarning, match="Every Dask worker holding chunks was lost"):
-        values, logp, history = routine.run(
-            em.to_values(start), tol=1e-8, max_iter=1000, progress=KillOneWorker(client, True)
-        )
+        state, history = run_em(routine, em.to_values(start), tol=1e-8, max_iter=1000)
+    values, logp = state.values, state.logp
     assert history.stopped == "workers lost" and not history.converged
     # The point returned is the one whose log-posterior was recorded last.
     assert logp == history.logp[-1] and history.n_iter >= 1
     assert np.isfinite(em.logp(em.to_point(values)))
+
+
+def _calls():
+    seen = []
+
+    def callback(info):
+        seen.append((info.restart, info.iteration, info.logp))
+
+    return seen, callback
+
+
+@pytest.mark.parametrize("accelerate", [None, "squarem"], ids=["em", "squarem"])
+def test_starts_side_by_side_equal_starts_one_after_another(client, accelerate):
+    """n_init = 3 starts on the same workers, one driver thread each: every start's
+    trace, the winner and its point are bit for bit those of the starts run one
+    after another (each pass sums the workers' parts in the same order)."""
+    build, data, length, _ = CASES["zip"]
+    options = {"client": client, "n_init": 3, "random_seed": 7, "progressbar": False}
+    fits, calls = {}, {}
+    for concurrent in (True, False):
+        calls[concurrent], callback = _calls()
+        fits[concurrent] = fit_chunked(
+            build(data[:length]),
+            data={"x": data},
+            accelerate=accelerate,
+            callback=callback,
+            concurrent_starts=concurrent,
+            **options,
+        )
+    side, sequential = fits[True].em_stats, fits[False].em_stats
+    np.testing.assert_array_equal(side.restart_logp.values, sequential.restart_logp.values)
+    np.testing.assert_array_equal(side.restart_n_e_steps, sequential.restart_n_e_steps)
+    assert side.attrs["best_restart"] == sequential.attrs["best_restart"]
+    for name in fits[False].posterior.data_vars:
+        np.testing.assert_array_equal(fits[True].posterior[name], fits[False].posterior[name])
+    # The same callback calls, but interleaved: the starts did run side by side.
+    assert sorted(calls[True]) == sorted(calls[False])
+    order = [restart for restart, _, _ in calls[True]]
+    assert order != sorted(order)
+
+
+def test_a_stop_ends_every_start_side_by_side(client):
+    """The callback stops start 1 at its second iteration: the others (which cannot
+    converge at tol=1e-300) stop at the end of their iteration under way."""
+    build, data, length, _ = CASES["zip"]
+
+    def callback(info):
+        return (info.restart, info.iteration) == (1, 2)
+
+    idata = fit_chunked(
+        build(data[:length]),
+        data={"x": data},
+        client=client,
+        n_init=3,
+        random_seed=7,
+        tol=1e-300,
+        max_iter=500,
+        callback=callback,
+        progressbar=False,
+    )
+    stats = idata.em_stats
+    assert stats.attrs["stopped"] == "callback"
+    assert stats.sizes["restart"] == 3 and not stats.restart_converged.values.any()
+    assert int(stats.restart_n_iter[1]) == 2 and (stats.restart_n_iter.values < 500).all()
+
+
+def test_ctrl_c_stops_every_start_side_by_side(client):
+    """A real SIGINT reaches the main thread, which waits for the starts' threads:
+    each start ends at its iteration under way, and the best point so far is
+    returned."""
+    build, data, length, _ = CASES["zip"]
+    sent = threading.Event()
+
+    def interrupt():
+        os.kill(os.getpid(), signal.SIGINT)
+        sent.set()
+
+    def callback(info):
+        if (info.restart, info.iteration) == (0, 3):
+            threading.Thread(target=interrupt).start()
+        if info.iteration > 3:
+            sent.wait(timeout=60)
+
+    idata = fit_chunked(
+        build(data[:length]),
+        data={"x": data},
+        client=client,
+        n_init=3,
+        random_seed=7,
+        tol=1e-300,
+        max_iter=500,
+        callback=callback,
+        progressbar=False,
+    )
+    stats = idata.em_stats
+    assert stats.attrs["stopped"] == "interrupt"
+    assert not stats.restart_converged.values.any() and (stats.restart_n_iter.values < 50).all()
+    best = stats.attrs["best_restart"]
+    finals = [v[~np.isnan(v)][-1] for v in stats.restart_logp.values]
+    assert best == int(np.argmax(finals))
+    em = EM(build(data))
+    point = {name: idata.posterior[name].values[0, 0] for name in ("psi", "rate")}
+    np.testing.assert_allclose(em.logp(point), finals[best], rtol=1e-12)
+
+
+def test_collapse_on_the_cluster_is_diagnosed(client):
+    """The model refuses a scale of 0 on a worker (ParameterValueError): that is the
+    computation's own failure, not a lost worker, and the loop's collapse diagnosis
+    follows as in memory."""
+    from tests.test_chunked_loop import SPIKE_DATA, SPIKE_START, spike_model
+
+    with pytest.warns(DegenerateSolutionWarning, match=r"sigma\[1\].*InverseGamma"):
+        idata = fit_chunked(
+            spike_model(SPIKE_DATA[:20]),
+            data={"x": SPIKE_DATA},
+            initvals=SPIKE_START,
+            client=client,
+            progressbar=False,
+        )
+    assert bool(idata.em_stats.restart_degenerate[0])

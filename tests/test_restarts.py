@@ -200,7 +200,7 @@ def test_restarts_skip_collapsed_starts(spike_model):
     # The collapsed start's last log-posterior is the larger (it grows without
     # bound), yet the sound start wins.
     assert collapsed.logp[-1] > sound.logp[-1]
-    assert pm_em.api._best_restart([collapsed, sound]) == 1
+    assert pm_em.fit.loop.best_start([collapsed, sound]) == 1
 
 
 def test_a_component_prior_keeps_the_mode_finite(spike_model):

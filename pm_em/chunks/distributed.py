@@ -6,21 +6,28 @@ there) and its own compiled copy of the kernel, for the whole fit. An iteration
 sends only the current parameter values and the totals of earlier levels (a few
 numbers) and gets back each worker's sum over its chunks.
 
+Several starts may pass over the chunks at once, each from its own thread
+(:func:`pm_em.fit.loop.run_starts`): an actor serves one call at a time, in the
+order they arrive, and each call's result is that start's alone.
+
 A worker lost during a fit (its process killed, its machine gone) loses its
 chunks: they are given to the workers still alive, read again there, and that
 level's statistics are computed again for them only. With no worker left,
-:class:`WorkersLostError` stops the fit (:func:`pm_em.chunks.fit.fit_chunked`
-then returns the last completed iteration, with a warning).
+:class:`WorkersLostError` stops the fit (the EM loop then returns the last
+completed iteration, with a warning).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
+from pymc.logprob.utils import ParameterValueError
 
 from pm_em.chunks.executor import add_into, chunk_ranges
 from pm_em.chunks.sources import check_rows
+from pm_em.errors import ComputationLostError
 
 __all__ = ["ChunkWorker", "DaskExecutor", "WorkersLostError"]
 
@@ -29,8 +36,10 @@ __all__ = ["ChunkWorker", "DaskExecutor", "WorkersLostError"]
 _LOST_WAIT = 10.0
 
 
-class WorkersLostError(RuntimeError):
+class WorkersLostError(ComputationLostError):
     """Every worker holding chunks of the fit was lost."""
+
+    reason = "workers lost"
 
 
 class ChunkWorker:
@@ -64,7 +73,9 @@ class ChunkWorker:
 
 
 class DaskExecutor:
-    """The chunks spread over a Dask client's workers, round robin.
+    """The chunks spread over a Dask client's workers, round robin. Thread-safe:
+    passes from several threads share the actors; who holds which chunk changes
+    under a lock.
 
     Parameters
     ----------
@@ -81,6 +92,7 @@ class DaskExecutor:
         workers = sorted(client.scheduler_info()["workers"])
         if not workers:
             raise ValueError("The Dask client has no workers.")
+        self._lock = threading.Lock()
         self.actors = {}
         self.owned = {addr: [] for addr in workers}
         for index in range(len(self.ranges)):
@@ -122,51 +134,76 @@ class DaskExecutor:
         return True
 
     def level(self, level, values, totals, progress=None):
-        """Level ``level``'s statistics summed over every chunk, on the workers."""
-        pending = {addr: indices for addr, indices in self.owned.items() if indices}
+        """Level ``level``'s statistics summed over every chunk, on the workers.
+
+        The workers' sums are added in the order of their addresses, whichever
+        thread asks: the same pass gives the same bits.
+        """
+        needed = range(self.n_chunks)
         total = None
-        while pending:
+        while needed:
+            with self._lock:
+                pending = self._assignment(needed)
             calls = {
-                addr: self.actors[addr].level(level, values, totals, indices)
-                for addr, indices in pending.items()
+                addr: (actor.level(level, values, totals, indices), indices)
+                for addr, (actor, indices) in pending.items()
             }
-            lost = {}
-            for addr, call in calls.items():
+            lost, failed = {}, []
+            for addr, (call, indices) in calls.items():
                 try:
                     part = call.result()
                 except Exception as error:  # noqa: BLE001 - told apart just below
-                    if not self._lost(addr):
-                        raise  # the computation failed, not the worker
-                    lost[addr] = (pending[addr], error)
+                    # The model refusing the values, or any failure while the worker
+                    # is still there, is the computation's own.
+                    if isinstance(error, ParameterValueError) or not self._lost(addr):
+                        raise
+                    lost[addr] = error
+                    failed += indices
                     continue
                 total = add_into(total, part)
                 if progress is not None:
-                    progress(len(pending[addr]))
-            pending = self._reassign(lost)
+                    progress(len(indices))
+            if lost:
+                with self._lock:
+                    self._drop(lost)
+            needed = sorted(failed)
         return total
 
-    def _reassign(self, lost) -> dict:
-        """Give the chunks of lost workers to the live ones; the new assignment of
-        those chunks (to be computed again)."""
+    def _assignment(self, needed) -> dict:
+        """Worker address -> (its actor, the chunks of ``needed`` it holds), in
+        address order. Call with the lock held."""
+        wanted = set(needed)
+        pending = {}
+        for addr, indices in self.owned.items():
+            mine = [i for i in indices if i in wanted]
+            if mine:
+                pending[addr] = (self.actors[addr], mine)
+        held = sum(len(indices) for _, indices in pending.values())
+        if held < len(wanted):
+            raise WorkersLostError("Every Dask worker holding chunks was lost.")
+        return pending
+
+    def _drop(self, lost) -> None:
+        """Give the chunks of the workers ``lost`` (those another thread has not
+        already moved) to the live ones, which read them. Call with the lock held."""
+        lost = {addr: error for addr, error in lost.items() if addr in self.owned}
         if not lost:
-            return {}
+            return
+        chunks = sorted(i for addr in lost for i in self.owned.pop(addr))
         for addr in lost:
             self.actors.pop(addr, None)
-            self.owned.pop(addr, None)
         alive = sorted(a for a in self._alive() if a in self.actors)
         if not alive:
-            addr, (_, error) = next(iter(lost.items()))
+            addr, error = next(iter(lost.items()))
             raise WorkersLostError(
                 f"Every Dask worker holding chunks was lost (last: {addr}: {error!r})."
             ) from error
         moved = {addr: [] for addr in alive}
-        chunks = sorted(i for indices, _ in lost.values() for i in indices)
         for k, index in enumerate(chunks):
             moved[alive[k % len(alive)]].append(index)
         self._load(moved)
         for addr, indices in moved.items():
             self.owned[addr] = sorted(self.owned[addr] + indices)
-        return {addr: indices for addr, indices in moved.items() if indices}
 
     def close(self) -> None:
         self.actors.clear()

@@ -37,8 +37,10 @@ class ChunkKernel:
         self.row_shapes = [tuple(v.type.shape[1:]) for v in plan.chunk_inputs]
         self._inputs = [*plan.values, *plan.chunk_inputs]
         self._totals = plan.totals
-        self._outputs = [[plan.chunk_logp, *plan.levels[0]] if plan.levels else [plan.chunk_logp]]
-        self._outputs += [list(stats) for stats in plan.levels[1:]]
+        first = [plan.chunk_logp, *(plan.levels[0] if plan.levels else []), *plan.counts]
+        self._outputs = [first, *(list(stats) for stats in plan.levels[1:])]
+        #: Level 0's statistics (after the log-likelihood, before the counts).
+        self.n_first = len(plan.levels[0]) if plan.levels else 0
         self._numeric = (
             [plan.theta, *plan.values, *plan.estep_values, *plan.chunk_inputs],
             list(plan.chunk_q),
@@ -49,6 +51,12 @@ class ChunkKernel:
     @property
     def n_levels(self) -> int:
         return len(self._outputs)
+
+    def split_first(self, outputs) -> tuple:
+        """Level 0's outputs (of a chunk, or totals) as ``(log-likelihood,
+        statistics, expected counts per latent)``."""
+        end = 1 + self.n_first
+        return outputs[0], list(outputs[1:end]), list(outputs[end:])
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -67,7 +75,7 @@ class ChunkKernel:
 
     def __call__(self, level, values, arrays, totals) -> list[np.ndarray]:
         """Level ``level``'s statistics of one chunk of ``m`` rows or fewer (at level 0,
-        its log-likelihood first).
+        its log-likelihood first and the expected counts last: :meth:`split_first`).
 
         A short chunk (the last one) of ``r`` rows is padded to ``m`` rows with
         copies of its last row, whose contribution is then taken out: every
@@ -87,7 +95,10 @@ class ChunkKernel:
 
     def _sums(self, level, values, arrays, totals) -> list[np.ndarray]:
         fn = self._fn(level)
-        # Only the levels before ``level`` are passed (none for the numeric block).
+        # Only the levels before ``level`` are passed (none for the numeric block);
+        # of level 0's, its statistics (the counts may follow them).
+        if totals:
+            totals = [list(totals[0])[: self.n_first], *totals[1:]]
         flat_totals = [t for level_totals in totals for t in level_totals]
         rows = len(arrays[0])
         m = self.chunk_length

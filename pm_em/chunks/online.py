@@ -69,7 +69,8 @@ def stepwise_em(routine, values, *, n_epochs: int = 1, decay: float = 0.6, progr
             for level in range(kernel.n_levels):
                 stats = kernel(level, values, arrays, totals)
                 if level == 0:
-                    stats = stats[1:]  # the chunk's log-likelihood is not a statistic
+                    # Neither the chunk's log-likelihood nor its counts are statistics.
+                    stats = kernel.split_first(stats)[1]
                 per_row = [np.asarray(s) / rows for s in stats]
                 if averages is not None:
                     per_row = [

@@ -66,6 +66,12 @@ class ChunkPlan:
         Per level, the placeholders of its statistics' totals over the chunks.
     chunk_logp : Variable
         The chunk's log-likelihood (latents summed out), computed with level 0.
+    counts : list of Variable
+        Per latent of :attr:`count_latents`, the sum of its responsibilities over the
+        chunk's elements, one per support value (computed with level 0: the loop's
+        empty-component check, :func:`pm_em.fit.degenerate.find_empty_components`).
+    count_latents : list of tuple
+        ``(name, support values)`` of each latent counted.
     global_logp : Variable
         The terms counted once (priors, data not chunked): a graph of ``values``.
     closed_step : list of Variable
@@ -98,6 +104,8 @@ class ChunkPlan:
     levels: list[list[Variable]]
     totals: list[list[Variable]]
     chunk_logp: Variable
+    counts: list[Variable]
+    count_latents: list[tuple]
     global_logp: Variable
     closed_step: list[Variable]
     closed_index: list[int]
@@ -269,6 +277,14 @@ def plan_chunks(em, names: list[str]) -> ChunkPlan:
     chunk_logp = sum((post.log_marginal for post in graphs.posteriors), pt.constant(0.0))
     chunk_logp = chunk_logp + sum(chunk_terms, pt.constant(0.0))
     global_logp = sum(global_terms, pt.constant(0.0))
+    latents = {lat.name: lat for lat in structure.latents}
+    count_latents, counts = [], []
+    for post in graphs.posteriors:
+        for name, log_resp in post.log_resp.items():
+            lat = latents[name]
+            if lat.size > 1:
+                count_latents.append((name, lat.support))
+                counts.append(pt.exp(log_resp).reshape((-1, lat.n_support)).sum(axis=0))
 
     statistics = additive_statistics(graphs.closed_step)
     levels = _levels(statistics)
@@ -281,7 +297,7 @@ def plan_chunks(em, names: list[str]) -> ChunkPlan:
     for stats in levels:
         sums = [s.owner.inputs[0] for s in stats]
         level_graphs.append(_substituted(sums, {**placeholders, **to_total}))
-    (chunk_logp,) = _substituted([chunk_logp], placeholders)
+    (chunk_logp, *counts) = _substituted([chunk_logp, *counts], placeholders)
     closed_step = _substituted(graphs.closed_step, to_total)
     leaked = _row_constants([*closed_step, global_logp], length, set()) + [
         v for v in ancestors([*closed_step, global_logp]) if v in known
@@ -302,6 +318,8 @@ def plan_chunks(em, names: list[str]) -> ChunkPlan:
         levels=level_graphs,
         totals=totals,
         chunk_logp=chunk_logp,
+        counts=counts,
+        count_latents=count_latents,
         global_logp=global_logp,
         closed_step=closed_step,
         closed_index=[names_order.index(p.name) for p in graphs.closed_params],

@@ -55,13 +55,13 @@ class Collapse:
         )
 
 
-def find_collapse(em, start_values, values, logp: float) -> Collapse | None:
+def find_collapse(routine, start_values, values, logp: float) -> Collapse | None:
     """The first positive parameter element that collapsed between ``start_values``
     and ``values`` (value space, where a positive parameter is its log), or, when
     the log-posterior itself is no longer finite, the one that moved most."""
     threshold = np.log(COLLAPSE_FACTOR)
     worst = None
-    for param, start, value in zip(em.params, start_values, values):
+    for param, start, value in zip(routine.params, start_values, values):
         logs = _log_entries(param.transform, np.shape(value))
         if logs is None:
             continue
@@ -100,16 +100,13 @@ def _log_entries(transform, shape) -> np.ndarray | None:
     return None
 
 
-def find_empty_components(em, log_resp) -> list[str]:
-    """Descriptions of the support values of element latents whose expected count is
-    below :data:`EMPTY_COUNT` (global latents, of size 1, are not components)."""
+def find_empty_components(routine, log_resp) -> list[str]:
+    """Descriptions of the support values whose expected count
+    (:meth:`pm_em.fit.protocol.EMRoutine.expected_counts`) is below
+    :data:`EMPTY_COUNT` (global latents, of size 1, are not components)."""
     empty = []
-    for latent in em.latents:
-        if latent.size == 1:
-            continue
-        resp = np.exp(np.asarray(log_resp[latent.name], dtype=float))
-        counts = resp.reshape(-1, latent.n_support).sum(axis=0)
-        for value, count in zip(latent.support, counts):
+    for latent, support, counts in routine.expected_counts(log_resp):
+        for value, count in zip(support, counts):
             if count < EMPTY_COUNT:
-                empty.append(f"{latent.name} = {value} (expected count {count:.2g})")
+                empty.append(f"{latent} = {value} (expected count {count:.2g})")
     return empty

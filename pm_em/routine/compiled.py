@@ -3,8 +3,8 @@
 Built once per model (and options) from the graphs of :mod:`pm_em.routine.graphs`; every
 method works on the parameters' values on the unconstrained space, in
 ``routine.params`` order. :class:`pm_em.EM` is the step-by-step API on points
-over it, and the fit loop (:mod:`pm_em.fit.loop`, :mod:`pm_em.fit.squarem`) calls its
-public :meth:`Routine.e_step`, :meth:`Routine.m_step` and :meth:`Routine.logp`.
+over it, and the fit loop (:mod:`pm_em.fit.loop`, :mod:`pm_em.fit.squarem`) drives it
+through the protocol of :class:`pm_em.fit.protocol.EMRoutine`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pytensor.graph.traversal import ancestors
 from pm_em.compile import compile_function, compile_small, resolve_backend
 from pm_em.diagnostics import model_or_context
 from pm_em.estep.pointwise import direct_pointwise, pointwise_graphs, pointwise_loglik
+from pm_em.fit.protocol import ExpectedCounts
 from pm_em.model.analysis import analyze_model
 from pm_em.model.data import DataBinding, recording_reads
 from pm_em.model.implicit import explicit_model
@@ -83,7 +84,8 @@ class LogResponsibilities(dict):
 
 class Routine:
     """The EM routine of a model, compiled once: E-step, M-step and observed-data
-    log-posterior on value-variable arrays.
+    log-posterior on value-variable arrays (the loop's
+    :class:`~pm_em.fit.protocol.EMRoutine`).
 
     Parameters
     ----------
@@ -96,6 +98,9 @@ class Routine:
     UnsupportedModelError
         When a latent cannot be enumerated exactly; the message says why and what to do.
     """
+
+    #: Its compiled functions keep their own storage: one start at a time.
+    concurrent_starts = False
 
     def __init__(self, model, latent_vars, compile_kwargs, backend, closed_form):
         #: The backend compiling every function of the routine (:mod:`pm_em.compile`).
@@ -188,6 +193,17 @@ class Routine:
         self._chain_fn = None
         #: The data this routine was built for (:mod:`pm_em.model.data`).
         self.data = DataBinding(self.user_model, self.model, build_reads)
+
+    @property
+    def n_observations(self) -> int:
+        """Observed entries of the data (:class:`pm_em.model.analysis.ModelStructure`)."""
+        return self.structure.n_observations
+
+    @property
+    def float_eps(self) -> float:
+        """Machine epsilon of the model's precision
+        (:attr:`pm_em.model.analysis.ModelStructure.float_eps`)."""
+        return self.structure.float_eps
 
     # -- conversions -----------------------------------------------------------------
     def to_values(self, point: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -362,6 +378,18 @@ class Routine:
         for p, i in zip(numeric, self._numeric_index):
             new[i] = solved[p.value.name]
         return new
+
+    def expected_counts(self, log_resp) -> list[ExpectedCounts]:
+        """Per latent with more than one element, the sum of its responsibilities
+        over its elements (:meth:`pm_em.fit.protocol.EMRoutine.expected_counts`)."""
+        counts = []
+        for latent in self.latents:
+            if latent.size == 1:
+                continue
+            resp = np.exp(np.asarray(log_resp[latent.name], dtype=float))
+            total = resp.reshape(-1, latent.n_support).sum(axis=0)
+            counts.append(ExpectedCounts(latent.name, np.asarray(latent.support), total))
+        return counts
 
     def logp(self, values: list[np.ndarray]) -> float:
         """Observed-data log-posterior at ``values``: latents summed out, priors
