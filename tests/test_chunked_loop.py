@@ -103,7 +103,7 @@ def test_callback_stopping_a_start_ends_the_remaining_ones():
     assert chunked.em_stats.attrs["best_restart"] == reference.em_stats.attrs["best_restart"]
 
 
-def test_ctrl_c_in_chunks_returns_the_last_completed_iteration(caplog):
+def test_ctrl_c_in_chunks_returns_the_last_completed_iteration(caplog, python_ctrl_c):
     """A real SIGINT, sent from another thread while the chunks are passed over: at
     most the iteration under way completes, and its point comes back."""
     seen, sent = [], threading.Event()

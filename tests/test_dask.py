@@ -179,7 +179,7 @@ def test_a_stop_ends_every_start_side_by_side(client):
     assert int(stats.restart_n_iter[1]) == 2 and (stats.restart_n_iter.values < 500).all()
 
 
-def test_ctrl_c_stops_every_start_side_by_side(client):
+def test_ctrl_c_stops_every_start_side_by_side(client, python_ctrl_c):
     """A real SIGINT reaches the main thread, which waits for the starts' threads:
     each start ends at its iteration under way, and the best point so far is
     returned."""
