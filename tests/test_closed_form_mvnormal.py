@@ -16,6 +16,7 @@ import pymc as pm
 import pytensor
 import pytensor.tensor as pt
 import pytest
+from pytensor.compile.mode import Mode
 from pytensor.graph.replace import graph_replace
 
 import pm_em
@@ -37,6 +38,9 @@ X = TRUE_MU[LABELS] + np.einsum(
 # Two components: the first two clusters only.
 X2 = X[LABELS < 2]
 PRIOR_COV = np.array([[4.0, 1.0], [1.0, 3.0]])
+
+#: A graph evaluated as built: Python thunks, no rewrites (the reference gradients).
+AS_BUILT = Mode(linker="py", optimizer=None)
 
 
 def assemble(chol_diag, chol_offdiag, lead):
@@ -300,7 +304,9 @@ def q_gradient(model):
     for c in range(n_configs):
         fixed = pt.full((n_obs,), c, dtype=latent_value.dtype)
         q = q + (resp[:, c] * graph_replace(per_element, {latent_value: fixed})).sum()
-    fn = pytensor.function([*values, resp], pytensor.grad(q, values), mode="FAST_COMPILE")
+    # Called a few times: evaluated as built (Python thunks, no rewrites), which
+    # halves the time FAST_COMPILE's rewrites of the gradient took (8 s -> 4 s).
+    fn = pytensor.function([*values, resp], pytensor.grad(q, values), mode=AS_BUILT)
     names = [v.name for v in values]
 
     def gradient(point_values: dict, log_resp):

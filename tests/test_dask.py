@@ -184,14 +184,18 @@ def test_ctrl_c_stops_every_start_side_by_side(client, python_ctrl_c):
     each start ends at its iteration under way, and the best point so far is
     returned."""
     build, data, length, _ = CASES["zip"]
-    sent = threading.Event()
+    started, sent = threading.Event(), threading.Event()
 
     def interrupt():
         os.kill(os.getpid(), signal.SIGINT)
         sent.set()
 
+    # The calls are serialized: the first start to reach iteration 3 sends the signal,
+    # before any call can wait for it (waiting for one given start would hold the
+    # lock that start's own call needs, until the timeout).
     def callback(info):
-        if (info.restart, info.iteration) == (0, 3):
+        if info.iteration >= 3 and not started.is_set():
+            started.set()
             threading.Thread(target=interrupt).start()
         if info.iteration > 3:
             sent.wait(timeout=60)

@@ -188,7 +188,7 @@ def _per_config_inputs(ctx, entries):
     op = entries.rv.owner.op
     tables, narrow = [], []
     for arg, core_ndim in zip(entries.rv.owner.inputs[2:], op.ndims_params):
-        core_shape = tuple(arg.shape[arg.ndim - core_ndim :]) if core_ndim else ()
+        core_shape = _core_shape(ctx, arg, core_ndim)
         table = ctx.table(arg, entries, core_shape)
         # One row per configuration, even where the input does not depend on it.
         tables.append(pt.broadcast_to(table, (entries.n_configs, *table.shape[1:])))
@@ -229,6 +229,19 @@ def _per_config_inputs(ctx, entries):
     # full table would cost O(n) per evaluation, in its gradient too.
     columns = [t[:, 0] if n is None else n for t, n in zip(tables, narrow)]
     return columns, np.flatnonzero(varying)
+
+
+def _core_shape(ctx, arg, core_ndim: int) -> tuple:
+    """The core shape of a distribution input: static where the type knows it, else
+    read from the input's graph on the value variables. Read from the input itself,
+    a random variable among them (``p=w``) would stay in the objective for its shape
+    alone, and bring its RNG to the compiled function (JAX takes none)."""
+    if not core_ndim:
+        return ()
+    static = arg.type.shape[arg.ndim - core_ndim :]
+    if None not in static:
+        return tuple(static)
+    return tuple(ctx.evaluate(arg).shape[arg.ndim - core_ndim :])
 
 
 def _narrow_column(ctx, arg, entries, core_shape) -> Variable | None:

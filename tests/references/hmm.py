@@ -3,8 +3,10 @@
 Written from the textbook recursions (forward, backward, Viterbi, and the
 Baum–Welch re-estimation of the transition rows, the initial distribution and the
 emission parameters), with every probability kept as a log and combined with
-:func:`scipy.special.logsumexp`. Nothing here imports ``pm_em``, PyMC or hmmlearn,
-so a disagreement with either points at one side, not at shared code.
+:func:`scipy.special.logsumexp` (in the time-step loops, with :func:`step_logsumexp`,
+the same formula without scipy's per-call overhead). Nothing here imports
+``pm_em``, PyMC or hmmlearn, so a disagreement with either points at one side, not
+at shared code.
 
 Conventions
 -----------
@@ -91,6 +93,17 @@ def safe_log(p) -> np.ndarray:
         return np.log(np.asarray(p, dtype=float))
 
 
+def step_logsumexp(a: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """``log(sum(exp(a), axis))``, shifted by the maximum, for the few numbers of one
+    time step: what :func:`scipy.special.logsumexp` computes, in about a tenth of the
+    time (its per-call overhead, ~80 us here, was most of the tests' time in the
+    reference's forward and backward loops). All ``-inf`` gives ``-inf``."""
+    top = np.max(a, axis=axis, keepdims=True)
+    top[~np.isfinite(top)] = 0.0
+    with np.errstate(divide="ignore"):
+        return np.log(np.sum(np.exp(a - top), axis=axis)) + np.squeeze(top, axis=axis)
+
+
 # --------------------------------------------------------------------------
 # One chain: forward, backward, posteriors, Viterbi, brute force.
 # --------------------------------------------------------------------------
@@ -149,10 +162,9 @@ def log_forward(
         if t > 0:
             # sum_i p(s_{t-1} = i | y_1..y_{t-1}) P[i, j] p(y_t | j): reduce over "from".
             unnormalised = (
-                special.logsumexp(log_filtered[t - 1][:, None] + log_trans, axis=0)
-                + log_emission[t]
+                step_logsumexp(log_filtered[t - 1][:, None] + log_trans, axis=0) + log_emission[t]
             )
-        log_predictive[t] = special.logsumexp(unnormalised)
+        log_predictive[t] = step_logsumexp(unnormalised)
         log_filtered[t] = unnormalised - log_predictive[t]
     return log_filtered, log_predictive
 
@@ -179,7 +191,7 @@ def log_backward(
     log_beta = np.zeros_like(log_emission, dtype=float)
     for t in range(n_steps - 2, -1, -1):
         future = log_emission[t + 1] + log_beta[t + 1]
-        log_beta[t] = special.logsumexp(log_trans + future[None, :], axis=1) - log_predictive[t + 1]
+        log_beta[t] = step_logsumexp(log_trans + future[None, :], axis=1) - log_predictive[t + 1]
     return log_beta
 
 
