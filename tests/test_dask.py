@@ -154,15 +154,11 @@ def test_starts_side_by_side_equal_starts_one_after_another(client, accelerate):
     assert order != sorted(order)
 
 
-def test_a_stop_ends_every_start_side_by_side(client):
-    """The callback stops start 1 at its second iteration: the others (which cannot
-    converge at tol=1e-300) stop at the end of their iteration under way."""
+def _three_unending_starts(client, callback):
+    """Three starts of the ZIP case side by side on the cluster, which cannot
+    converge (tol=1e-300): what stops them is the user's."""
     build, data, length, _ = CASES["zip"]
-
-    def callback(info):
-        return (info.restart, info.iteration) == (1, 2)
-
-    idata = fit_chunked(
+    return fit_chunked(
         build(data[:length]),
         data={"x": data},
         client=client,
@@ -173,6 +169,16 @@ def test_a_stop_ends_every_start_side_by_side(client):
         callback=callback,
         progressbar=False,
     )
+
+
+def test_a_stop_ends_every_start_side_by_side(client):
+    """The callback stops start 1 at its second iteration: the others (which cannot
+    converge at tol=1e-300) stop at the end of their iteration under way."""
+
+    def callback(info):
+        return (info.restart, info.iteration) == (1, 2)
+
+    idata = _three_unending_starts(client, callback)
     stats = idata.em_stats
     assert stats.attrs["stopped"] == "callback"
     assert stats.sizes["restart"] == 3 and not stats.restart_converged.values.any()
@@ -183,7 +189,6 @@ def test_ctrl_c_stops_every_start_side_by_side(client, python_ctrl_c):
     """A real SIGINT reaches the main thread, which waits for the starts' threads:
     each start ends at its iteration under way, and the best point so far is
     returned."""
-    build, data, length, _ = CASES["zip"]
     started, sent = threading.Event(), threading.Event()
 
     def interrupt():
@@ -200,23 +205,14 @@ def test_ctrl_c_stops_every_start_side_by_side(client, python_ctrl_c):
         if info.iteration > 3:
             sent.wait(timeout=60)
 
-    idata = fit_chunked(
-        build(data[:length]),
-        data={"x": data},
-        client=client,
-        n_init=3,
-        random_seed=7,
-        tol=1e-300,
-        max_iter=500,
-        callback=callback,
-        progressbar=False,
-    )
+    idata = _three_unending_starts(client, callback)
     stats = idata.em_stats
     assert stats.attrs["stopped"] == "interrupt"
     assert not stats.restart_converged.values.any() and (stats.restart_n_iter.values < 50).all()
     best = stats.attrs["best_restart"]
     finals = [v[~np.isnan(v)][-1] for v in stats.restart_logp.values]
     assert best == int(np.argmax(finals))
+    build, data, _, _ = CASES["zip"]
     em = EM(build(data))
     point = {name: idata.posterior[name].values[0, 0] for name in ("psi", "rate")}
     np.testing.assert_allclose(em.logp(point), finals[best], rtol=1e-12)
