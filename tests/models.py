@@ -26,3 +26,25 @@ def unit_scale_mixture(data, mutable=True):
         z = pm.Categorical("z", w, dims="obs")
         pm.Normal("x", mu[z], 1.0, observed=observed, dims="obs")
     return model
+
+
+# 60 standard normal draws and an outlier a component can shrink onto.
+SPIKE_DATA = np.concatenate([np.random.default_rng(3).normal(0.0, 1.0, 60), [9.0]])
+#: A start with the second component on the outlier, its scale already small.
+SPIKE_START = {
+    "w": np.array([0.98, 0.02]),
+    "mu": np.array([0.0, 9.0]),
+    "sigma": np.array([1.0, 0.05]),
+}
+
+
+def spike_model(data):
+    """Two Normal components with a flat scale prior: the likelihood is unbounded as
+    a scale goes to 0 on one observation (``SPIKE_DATA``'s outlier)."""
+    with pm.Model() as model:
+        w = pm.Dirichlet("w", a=np.ones(2))
+        mu = pm.Flat("mu", shape=2)
+        sigma = pm.HalfFlat("sigma", shape=2)
+        z = pm.Categorical("z", p=w, shape=len(data))
+        pm.Normal("x", mu=mu[z], sigma=sigma[z], observed=data)
+    return model

@@ -16,6 +16,7 @@ import pytest
 import pm_em
 from pm_em import EM
 from pm_em.chunks.fit import ChunkedEM
+from tests.models import SPIKE_DATA, SPIKE_START, spike_model
 from tests.test_chunked import CASES, assert_same_fit, fit_in_chunks
 
 
@@ -133,27 +134,6 @@ def test_ctrl_c_in_chunks_returns_the_last_completed_iteration(caplog, python_ct
     assert np.all(np.diff(stats.logp.values) >= 0)
 
 
-RNG = np.random.default_rng(3)
-# 60 standard normal draws and an outlier a component can shrink onto.
-SPIKE_DATA = np.concatenate([RNG.normal(0.0, 1.0, 60), [9.0]])
-SPIKE_START = {
-    "w": np.array([0.98, 0.02]),
-    "mu": np.array([0.0, 9.0]),
-    "sigma": np.array([1.0, 0.05]),
-}
-
-
-def spike_model(data):
-    """A flat scale prior: the likelihood is unbounded as a scale goes to 0."""
-    with pm.Model() as model:
-        w = pm.Dirichlet("w", a=np.ones(2))
-        mu = pm.Flat("mu", shape=2)
-        sigma = pm.HalfFlat("sigma", shape=2)
-        z = pm.Categorical("z", p=w, shape=len(data))
-        pm.Normal("x", mu=mu[z], sigma=sigma[z], observed=data)
-    return model
-
-
 def test_collapsing_component_in_chunks_is_diagnosed_as_in_memory():
     with pytest.warns(pm_em.DegenerateSolutionWarning, match=r"sigma\[1\].*InverseGamma"):
         reference = pm_em.find_MAP(spike_model(SPIKE_DATA), initvals=SPIKE_START, progressbar=False)
@@ -173,6 +153,7 @@ def test_collapsing_component_in_chunks_is_diagnosed_as_in_memory():
         np.testing.assert_allclose(chunked.posterior[name].values[0, 0], value)
 
 
+RNG = np.random.default_rng(4)
 EMPTY_DATA = np.concatenate([RNG.normal(-2.0, 1.0, 30), RNG.normal(2.0, 1.0, 20)])
 RNG.shuffle(EMPTY_DATA)
 

@@ -14,6 +14,7 @@ from sklearn.cluster import KMeans
 
 import pm_em
 from pm_em.fit.starts import kmeans_targets, start_points
+from tests import models
 
 TOL = 1e-10
 
@@ -160,20 +161,7 @@ def test_default_start_escapes_the_symmetric_saddle(rng):
 @pytest.fixture(scope="module")
 def spike_model():
     """A one-observation outlier a component can shrink onto (flat scale prior)."""
-    rng = np.random.default_rng(3)
-    x = np.concatenate([rng.normal(0.0, 1.0, 60), [9.0]])
-    with pm.Model() as model:
-        w = pm.Dirichlet("w", a=np.ones(2))
-        mu = pm.Flat("mu", shape=2)
-        sigma = pm.HalfFlat("sigma", shape=2)
-        z = pm.Categorical("z", p=w, shape=len(x))
-        pm.Normal("x", mu=mu[z], sigma=sigma[z], observed=x)
-    spike = {
-        "w": np.array([0.98, 0.02]),
-        "mu": np.array([0.0, 9.0]),
-        "sigma": np.array([1.0, 0.05]),
-    }
-    return model, spike
+    return models.spike_model(models.SPIKE_DATA), models.SPIKE_START
 
 
 def test_collapsing_component_is_reported(spike_model):
