@@ -216,6 +216,25 @@ def test_jax_keeps_float64_where_a_float32_literal_meets_zeros():
     np.testing.assert_array_equal(out, np.array([1.0, 0.0, 0.0, 2.0]) / 3.0)
 
 
+def test_jax_leaves_elementwise_fusion_to_xla():
+    """Under JAX, PyTensor's fusion pass (``Composite`` ops, for C loops) is left out
+    of the rewrites: XLA fuses by itself, and the pass costs compile time. A stable
+    chain of elementwise ops stays unfused and computes what NumPy does."""
+    pytest.importorskip("jax")
+    from pytensor.scalar.basic import Composite
+
+    from pm_em.compile import compile_function
+
+    x = pt.vector("x", shape=(5,))
+    y = pt.log1p(pt.exp(-pt.abs(x))) + pt.maximum(x, 0.0) - 2.0 * x**2
+    fn = compile_function([x], [y], backend="jax")
+    values = np.linspace(-800.0, 3.0, 5)
+    (out,) = fn(values)
+    scalar_ops = [getattr(node.op, "scalar_op", None) for node in fn.maker.fgraph.apply_nodes]
+    assert scalar_ops and not any(isinstance(op, Composite) for op in scalar_ops)
+    np.testing.assert_allclose(out, np.logaddexp(0.0, values) - 2.0 * values**2, rtol=1e-15)
+
+
 def test_jax_writes_through_a_constant_mask_inside_a_vectorized_graph():
     """PyMC imputes missing data by writing through a constant boolean mask, and
     enumerating a latent vectorizes that write: JAX then saw the mask traced and
